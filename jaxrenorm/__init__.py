@@ -1,0 +1,24 @@
+"""jaxrenorm: Batch Normalization and Batch Renormalization for JAX and Flax.
+
+Pure functions over `(params, batch_stats)`:
+
+    y, batch_stats = jaxrenorm.batch_renorm(x, params, batch_stats, use_running_average=False)
+
+and Flax linen modules (`jaxrenorm.linen.BatchNorm`, a drop-in for
+`flax.linen.BatchNorm`, and `jaxrenorm.linen.BatchRenorm`).
+"""
+
+from jaxrenorm import linen, schedules
+from jaxrenorm._norm import batch_norm, batch_renorm, init_batch_stats
+from jaxrenorm._stats import moments
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "batch_norm",
+    "batch_renorm",
+    "init_batch_stats",
+    "linen",
+    "moments",
+    "schedules",
+]

@@ -1,0 +1,326 @@
+"""Batch Normalization and Batch Renormalization as pure functions.
+
+Data flows one way: input -> moments (`_stats`) -> per-feature coefficients
+(a, b) -> output y = (x - k - m1) * a + b, and the new running statistics.
+
+Writing the layer as one multiply-add with per-feature coefficients keeps every
+full-size operation in a single elementwise pass, and lets autodiff produce a
+backward pass made of two per-feature reductions and one elementwise pass.
+Centering by the moments' own reference point, (x - k) - m1 rather than x - mean,
+keeps the output accurate to a few ulp on offset data where mean = k + m1 would
+round away the low bits (see `_stats`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxrenorm._checks import (
+    Axes,
+    check_batch_stats,
+    check_input,
+    check_layout,
+    check_mask,
+    check_params,
+    check_scalar,
+)
+from jaxrenorm._stats import Moments, compute_moments, stats_dtype
+
+Params = Mapping[str, jax.Array | None] | None
+BatchStats = Mapping[str, jax.Array]
+
+
+def init_batch_stats(
+    feature_shape: int | Sequence[int], dtype: jnp.dtype = jnp.float32
+) -> dict[str, jax.Array]:
+    """Initial running statistics: mean 0 and variance 1 per feature (Flax's convention).
+
+    Args:
+      feature_shape: the number of features, or the shape of the feature axes.
+      dtype: dtype of the statistics (float32 unless you have a reason).
+
+    Returns:
+      `{"mean": zeros(feature_shape), "var": ones(feature_shape)}`.
+
+    Example:
+      >>> import jaxrenorm
+      >>> jax_stats = jaxrenorm.init_batch_stats(3)
+      >>> jax_stats["mean"].tolist(), jax_stats["var"].tolist()
+      ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
+    """
+    shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
+    if not all(isinstance(s, int) and s >= 0 for s in shape):
+        raise ValueError(
+            f"`feature_shape` must be a non-negative int or tuple of them, got {feature_shape!r}."
+        )
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(f"`dtype` must be floating point, got {dtype}.")
+    return {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, dtype)}
+
+
+def batch_norm(
+    x: jax.Array,
+    params: Params,
+    batch_stats: BatchStats,
+    *,
+    use_running_average: bool,
+    axis: Axes = -1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+    mask: jax.Array | None = None,
+    use_fast_variance: bool = True,
+    dtype: jnp.dtype | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r"""Batch Normalization (Ioffe & Szegedy 2015), per feature.
+
+    Training (`use_running_average=False`), with the batch mean and biased
+    variance over every axis but `axis` (and over the devices of `axis_name`):
+
+    .. math::
+        y = \gamma \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta, \qquad
+        \mu \leftarrow m\,\mu + (1 - m)\,\mu_B, \qquad
+        \sigma^2 \leftarrow m\,\sigma^2 + (1 - m)\,\sigma_B^2
+
+    Inference (`use_running_average=True`) uses the running statistics instead of
+    the batch's and returns `batch_stats` unchanged:
+    :math:`y = \gamma (x - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta`.
+
+    The running update follows Flax (`m` = `momentum`, biased batch variance) and
+    never carries a gradient. If a feature's batch statistics are not finite
+    (NaN or Inf in a valid input) or it has no valid element, that feature's
+    running statistics keep their previous values, the way `optax.apply_if_finite`
+    skips a bad update: the output is still NaN, so the loss shows the problem,
+    but one bad batch cannot destroy the model's statistics.
+
+    Args:
+      x: input, real or complex floating point; any rank >= 2 in practice.
+      params: mapping with optional `"scale"` (gamma) and `"bias"` (beta) of the
+        feature shape; a missing key or None means no scale or no bias.
+      batch_stats: `{"mean", "var"}` of the feature shape (`init_batch_stats`).
+      use_running_average: normalize with the running statistics (inference).
+      axis: the feature axis or axes; statistics are over all the others.
+      momentum: decay of the running statistics, in [0, 1].
+      epsilon: added to the variance, >= 0.
+      axis_name: named axis (pmap, shard_map) to compute statistics across devices.
+      axis_index_groups: device groups along `axis_name` normalized separately.
+      mask: boolean, broadcastable to `x`: statistics use True positions only.
+        False positions may hold NaN or Inf: they reach neither the statistics
+        nor any gradient; where such a position is not finite its output is
+        `b` (the normalized value of the mean) instead of NaN.
+      use_fast_variance: one-pass shifted variance (accurate, the default), or
+        the exact two-pass one (a second collective with `axis_name`).
+      dtype: output dtype (default: the input's). Statistics are always computed
+        in at least float32.
+
+    Returns:
+      `(y, new_batch_stats)`; `new_batch_stats` has the same keys as `batch_stats`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxrenorm
+      >>> x = jax.random.normal(jax.random.key(0), (32, 4)) * 3 + 1
+      >>> params = {"scale": jnp.ones(4), "bias": jnp.zeros(4)}
+      >>> stats = jaxrenorm.init_batch_stats(4)
+      >>> y, stats = jaxrenorm.batch_norm(x, params, stats, use_running_average=False)
+      >>> bool(jnp.allclose(y.mean(0), 0, atol=1e-5))
+      True
+    """
+    return _normalize(
+        x, params, batch_stats, use_running_average=use_running_average, axis=axis,
+        momentum=momentum, epsilon=epsilon, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, mask=mask,
+        use_fast_variance=use_fast_variance, dtype=dtype, clip=None,
+    )  # fmt: skip
+
+
+def batch_renorm(
+    x: jax.Array,
+    params: Params,
+    batch_stats: BatchStats,
+    *,
+    use_running_average: bool,
+    axis: Axes = -1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+    mask: jax.Array | None = None,
+    use_fast_variance: bool = True,
+    dtype: jnp.dtype | None = None,
+    r_max: float | jax.Array = 3.0,
+    d_max: float | jax.Array = 5.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r"""Batch Renormalization (Ioffe 2017, arXiv 1702.03275, Algorithm 1), per feature.
+
+    Training corrects the batch statistics towards the running ones with two
+    per-feature constants, so the output is what inference will compute, up to
+    clipping. With s_B = sqrt(var_B + eps) and s = sqrt(var + eps) from the
+    running statistics *before* this batch's update:
+
+    .. math::
+        r = \operatorname{sg}\Big(\operatorname{clip}\big(\tfrac{s_B}{s},
+              \tfrac{1}{r_{max}}, r_{max}\big)\Big), \qquad
+        d = \operatorname{sg}\Big(\operatorname{clip}\big(\tfrac{\mu_B - \mu}{s},
+              -d_{max}, d_{max}\big)\Big)
+
+    .. math::
+        y = \gamma \Big(\frac{x - \mu_B}{s_B}\, r + d\Big) + \beta
+
+    where sg is `stop_gradient`: the gradient flows through mu_B and s_B as in
+    BatchNorm, and r, d are constants for it. Unclipped, y equals the inference
+    output (x - mu) / s exactly. The running statistics are updated as in
+    `batch_norm` (this library tracks the variance, as Flax does, where the paper
+    tracks the standard deviation; s = sqrt(var + eps) differs from the paper's
+    running s only by the Jensen gap of the square root). Inference is identical
+    to `batch_norm`; with r_max = 1 and d_max = 0 training is too.
+
+    Args:
+      x, params, batch_stats, use_running_average, axis, momentum, epsilon,
+      axis_name, axis_index_groups, mask, use_fast_variance, dtype: as in
+        `batch_norm`.
+      r_max: bound on r, >= 1 (a Python float or a traced scalar, e.g. a schedule
+        evaluated under jit; see `jaxrenorm.schedules`).
+      d_max: bound on |d|, >= 0 (float or traced scalar).
+
+    Returns:
+      `(y, new_batch_stats)`, as `batch_norm`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxrenorm
+      >>> x = jax.random.normal(jax.random.key(0), (4, 3))
+      >>> stats = jaxrenorm.init_batch_stats(3)
+      >>> y, stats = jaxrenorm.batch_renorm(x, {}, stats, use_running_average=False,
+      ...                                   r_max=1.5, d_max=0.5)
+      >>> y.shape
+      (4, 3)
+    """
+    check_scalar(r_max, "r_max", 1.0)
+    check_scalar(d_max, "d_max", 0.0)
+    return _normalize(
+        x, params, batch_stats, use_running_average=use_running_average, axis=axis,
+        momentum=momentum, epsilon=epsilon, axis_name=axis_name,
+        axis_index_groups=axis_index_groups, mask=mask,
+        use_fast_variance=use_fast_variance, dtype=dtype, clip=(r_max, d_max),
+    )  # fmt: skip
+
+
+def _normalize(
+    x: jax.Array,
+    params: Params,
+    batch_stats: BatchStats,
+    *,
+    use_running_average: bool,
+    axis: Axes,
+    momentum: float,
+    epsilon: float,
+    axis_name: str | None,
+    axis_index_groups: Any,
+    mask: jax.Array | None,
+    use_fast_variance: bool,
+    dtype: jnp.dtype | None,
+    clip: tuple[Any, Any] | None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The shared body of `batch_norm` (clip=None) and `batch_renorm`."""
+    x = check_input(x)
+    feature_axes, reduction_axes = check_layout(x.shape, axis)
+    feature_shape = tuple(x.shape[a] for a in feature_axes)
+    scale, bias = check_params(params, feature_shape, x.shape, axis)
+    run_mean, run_var = check_batch_stats(batch_stats, feature_shape, x.shape, axis)
+    check_scalar(momentum, "momentum", 0.0, 1.0)
+    check_scalar(epsilon, "epsilon", 0.0)
+    if mask is not None:
+        mask = check_mask(mask, x.shape)
+    if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(f"`dtype` must be a floating-point dtype, got {dtype}.")
+    if clip is not None and jnp.iscomplexobj(x):
+        raise TypeError(
+            "batch_renorm does not support complex inputs (r and d are clipped as real "
+            f"numbers), got dtype {x.dtype}; use batch_norm."
+        )
+    out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
+
+    cdtype = stats_dtype(x.dtype)
+    rdtype = jnp.finfo(cdtype).dtype  # the real dtype of variances
+    reduced_shape = tuple(1 if i in reduction_axes else s for i, s in enumerate(x.shape))
+
+    def per_feature(v: jax.Array | None, dt: jnp.dtype) -> jax.Array | None:
+        # Feature axes are sorted, so a reshape puts each value on its axis.
+        return (
+            None
+            if v is None
+            else jnp.reshape(v, reduced_shape).astype(jnp.promote_types(dt, v.dtype))
+        )
+
+    mean_k = per_feature(run_mean, cdtype)
+    var_k = per_feature(run_var, rdtype)
+    scale_k = per_feature(scale, rdtype)
+    bias_k = per_feature(bias, cdtype)
+    xc = x.astype(cdtype)
+
+    if use_running_average:
+        a = lax.rsqrt(var_k + epsilon)
+        a = a if scale_k is None else a * scale_k
+        y = _plus((xc - mean_k) * a, bias_k)
+        return y.astype(out_dtype), dict(batch_stats)
+
+    # Across devices the shift must be the same everywhere: the running mean is.
+    shift = lax.stop_gradient(mean_k) if axis_name is not None else None
+    m = compute_moments(
+        xc, reduction_axes, axis_name=axis_name, axis_index_groups=axis_index_groups,
+        mask=mask, use_fast_variance=use_fast_variance, shift=shift,
+    )  # fmt: skip
+    inv_std = lax.rsqrt(m.var + epsilon)
+    if clip is None:
+        a, b = inv_std, None
+    else:
+        r_max, d_max = clip
+        inv_run_std = lax.rsqrt(var_k + epsilon)
+        r = jnp.clip(jnp.sqrt(m.var + epsilon) * inv_run_std, 1.0 / r_max, r_max)
+        d = jnp.clip(((m.shift - mean_k) + m.offset) * inv_run_std, -d_max, d_max)
+        a, b = inv_std * lax.stop_gradient(r), lax.stop_gradient(d)
+    if scale_k is not None:
+        a = a * scale_k
+        b = None if b is None else b * scale_k
+    b = _plus(b, bias_k)
+
+    if mask is not None:
+        # A masked position that is not finite would put 0 * NaN into the gradient
+        # of a and b even when the loss ignores it; normalize the shift there instead.
+        xc = jnp.where(mask | jnp.isfinite(xc), xc, m.shift)
+    y = _plus(((xc - m.shift) - m.offset) * a, b)
+    return y.astype(out_dtype), _update_running(batch_stats, run_mean, run_var, m, momentum)
+
+
+def _plus(u: jax.Array | None, v: jax.Array | None) -> jax.Array | None:
+    """u + v where None stands for an absent (zero) term."""
+    return u if v is None else (v if u is None else u + v)
+
+
+def _update_running(
+    batch_stats: BatchStats,
+    run_mean: jax.Array,
+    run_var: jax.Array,
+    m: Moments,
+    momentum: float,
+) -> dict[str, jax.Array]:
+    """Exponential moving averages of the batch moments, skipping non-finite features."""
+    shape = run_mean.shape
+    batch_mean = lax.stop_gradient(m.mean).reshape(shape)
+    batch_var = lax.stop_gradient(m.var).reshape(shape)
+    ok = jnp.isfinite(batch_mean) & jnp.isfinite(batch_var) & (m.count.reshape(shape) > 0)
+    new_mean = momentum * run_mean + (1 - momentum) * batch_mean
+    new_var = momentum * run_var + (1 - momentum) * batch_var
+    # Keep the stored dtype (float32), unless that would drop a complex mean's
+    # imaginary part.
+    mean_dtype = new_mean.dtype if jnp.iscomplexobj(new_mean) else run_mean.dtype
+    return {
+        **batch_stats,
+        "mean": jnp.where(ok, new_mean, run_mean).astype(mean_dtype),
+        "var": jnp.where(ok, new_var, run_var).astype(run_var.dtype),
+    }

@@ -1,0 +1,231 @@
+"""Batch moments: reductions, masks, valid counts and the one cross-device collective.
+
+This is the only module that reduces over the batch or talks to other devices.
+
+Accuracy. The default (`use_fast_variance=True`) is a *shifted* one-pass
+algorithm (Chan, Golub & LeVeque 1983): with a per-feature reference point k,
+
+    m1 = mean(x - k),   m2 = mean(|x - k|^2),   mean = k + m1,   var = m2 - |m1|^2.
+
+Cancellation in `m2 - |m1|^2` loses a factor of about 1 + (m1 / std)^2, so any k
+within a few standard deviations of the mean is as good as the exact two-pass
+algorithm. On one device k is the first element of the batch (a sample of the
+distribution itself); across devices it must be the same on every device, so the
+caller passes the running mean (see `_norm`). The textbook E[x^2] - E[x]^2 (k = 0,
+Flax's default) loses a factor (mean / std)^2: on x = 1e4 + N(0, 1) in float32
+its variance is off by a factor of about 25.
+
+Speed. XLA:CPU lowers each reduction to its own kernel, and shares a common
+sub-expression between the two reductions by materializing it: writing
+`d = x - k` once makes a full-size temporary. Each reduction therefore gets its
+own copy of k (an `optimization_barrier` keeps XLA from merging them again), so
+each kernel reads x once and nothing full-size is written. Measured on the 2-core
+CPU machine against flax.linen.BatchNorm's (inaccurate) forward pass:
+
+    formulation                                   conv (64,32,32,64)  dense (4096,256)
+    E[x^2]-E[x]^2 (Flax's, inaccurate)            0.96x               0.83x
+    exact two-pass                                1.34-1.56x          1.07-1.33x
+    shifted, one shared `x - k`                   1.23-1.77x          1.36-1.78x
+    mean(x) and mean((x-k)^2) (mean rounded)      0.97x, var err 7e-3 1.10x
+    lax.reduce with two operands (variadic)       4.8x                5.9x
+    shifted, one k per reduction (this module)    1.16-1.18x          0.88x
+
+The last row keeps the variance's relative error at 6e-6 on the offset data and,
+because `_norm` normalizes with (x - k) - m1 rather than x - mean, the output's
+error at 6e-6 too (the exact two-pass, normalizing by x - mean, has 1.4e-3).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from jaxrenorm._checks import canonical_axes, check_input, check_mask
+
+
+class Moments(NamedTuple):
+    """Per-feature batch moments, each with the input's rank (size 1 on reduced axes).
+
+    Attributes:
+      shift: the reference point k (no gradient flows through it).
+      offset: mean(x - k) over valid elements; the mean is `shift + offset`.
+      var: biased variance over valid elements (real, >= 0).
+      count: number of valid elements, summed over devices.
+    """
+
+    shift: jax.Array
+    offset: jax.Array
+    var: jax.Array
+    count: jax.Array
+
+    @property
+    def mean(self) -> jax.Array:
+        return self.shift + self.offset
+
+
+def stats_dtype(dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype statistics are computed in: the input's, promoted to at least float32."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _first_element(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> jax.Array:
+    """x at index 0 of every reduced axis, or 0 where that element is masked or not finite."""
+    index = tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
+    k = x[index]
+    ok = jnp.isfinite(k)
+    if mask is not None:
+        ok &= jnp.broadcast_to(mask, x.shape)[index]
+    return jnp.where(ok, k, jnp.zeros_like(k))
+
+
+def _valid_count(
+    mask: jax.Array | None, shape: tuple[int, ...], axes: tuple[int, ...], dtype: jnp.dtype
+) -> jax.Array:
+    """Valid elements per feature, reducing only over the mask's own (unbroadcast) extent."""
+    n_total = np.prod([shape[a] for a in axes], dtype=np.int64)
+    if mask is None:
+        return jnp.full(_reduced(shape, axes), n_total, dtype)
+    mask = mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)
+    broadcast_factor = np.prod([shape[a] for a in axes if mask.shape[a] == 1], dtype=np.int64)
+    count = jnp.sum(mask, axis=axes, keepdims=True, dtype=jnp.int32).astype(dtype)
+    return jnp.broadcast_to(count * broadcast_factor, _reduced(shape, axes))
+
+
+def _centered(x: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """x - k, and exactly 0 at masked positions (which may hold NaN or Inf).
+
+    The mask is applied to x before subtracting, so the gradient at masked positions
+    is an exact 0 rather than 0 * NaN.
+    """
+    if mask is not None:
+        x = jnp.where(mask, x, k)
+    return x - k
+
+
+def _abs_sq(z: jax.Array) -> jax.Array:
+    return jnp.square(z.real) + jnp.square(z.imag) if jnp.iscomplexobj(z) else jnp.square(z)
+
+
+def _all_sum(parts: list[jax.Array], axis_name: str | None, axis_index_groups) -> list[jax.Array]:
+    """Sums per-feature partial results over devices in a single all-reduce."""
+    if axis_name is None:
+        return parts
+    dtype = jnp.result_type(*parts)
+    summed = lax.psum(
+        jnp.stack([p.astype(dtype) for p in parts]), axis_name, axis_index_groups=axis_index_groups
+    )
+    return [summed[i].astype(p.dtype) for i, p in enumerate(parts)]
+
+
+def compute_moments(
+    x: jax.Array,
+    axes: tuple[int, ...],
+    *,
+    axis_name: str | None = None,
+    axis_index_groups=None,
+    mask: jax.Array | None = None,
+    use_fast_variance: bool = True,
+    shift: jax.Array | None = None,
+) -> Moments:
+    """Masked, shifted moments of `x` over `axes`, optionally summed over devices.
+
+    Arguments are assumed validated (`_checks`); `mask` is boolean and broadcastable
+    to `x`; `shift`, if given, broadcasts against the reduced shape and must be the
+    same on every device of `axis_name`.
+    """
+    dtype = stats_dtype(x.dtype)
+    x = x.astype(dtype)
+    if shift is None:
+        # Across devices the shift must be common; with none given, fall back to 0.
+        shift = _first_element(x, axes, mask) if axis_name is None else jnp.zeros((), dtype)
+    k = lax.stop_gradient(jnp.broadcast_to(jnp.asarray(shift, dtype), _reduced(x.shape, axes)))
+    # One copy of k per reduction; see the module docstring for why.
+    k1, k2 = lax.optimization_barrier((k, k))
+
+    count = _valid_count(mask, x.shape, axes, jnp.real(k).dtype)
+    s1 = jnp.sum(_centered(x, k1, mask), axis=axes, keepdims=True)
+    if use_fast_variance:
+        s2 = jnp.sum(_abs_sq(_centered(x, k2, mask)), axis=axes, keepdims=True)
+        count, s1, s2 = _all_sum([count, s1, s2], axis_name, axis_index_groups)
+        safe = jnp.maximum(count, 1)
+        offset = s1 / safe
+        var = jnp.maximum(s2 / safe - _abs_sq(offset), 0)
+    else:
+        count, s1 = _all_sum([count, s1], axis_name, axis_index_groups)
+        safe = jnp.maximum(count, 1)
+        offset = s1 / safe
+        dev = _centered(x, k2, mask) - offset
+        if mask is not None:
+            dev = jnp.where(mask, dev, jnp.zeros_like(dev))
+        (s2,) = _all_sum(
+            [jnp.sum(_abs_sq(dev), axis=axes, keepdims=True)], axis_name, axis_index_groups
+        )
+        var = s2 / safe
+    return Moments(shift=k, offset=offset, var=var, count=count)
+
+
+def _reduced(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(1 if i in axes else s for i, s in enumerate(shape))
+
+
+def moments(
+    x: jax.Array,
+    axes: int | tuple[int, ...],
+    *,
+    axis_name: str | None = None,
+    axis_index_groups=None,
+    mask: jax.Array | None = None,
+    use_fast_variance: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    r"""Mean and biased variance of `x` over `axes`, accurate on offset data.
+
+    .. math::
+        \mu = \frac{1}{n}\sum_{i \in \text{valid}} x_i, \qquad
+        \sigma^2 = \frac{1}{n}\sum_{i \in \text{valid}} |x_i - \mu|^2
+
+    where n counts the valid elements (all of them without a mask), summed over
+    the devices of `axis_name`. The default one-pass algorithm shifts by a sample
+    of the data (Chan, Golub & LeVeque 1983), so it keeps the accuracy of the
+    two-pass algorithm where E[x^2] - E[x]^2 fails (x = 1e4 + N(0, 1) in float32:
+    relative error 6e-6 against 25). Across devices no common sample is available
+    without a second collective, so with `axis_name` the fast path shifts by 0;
+    `batch_norm` shifts by the running mean instead.
+
+    Args:
+      x: floating-point input (real or complex).
+      axes: the axes to reduce over (int or tuple of ints, negative allowed).
+      axis_name: a named axis (pmap, shard_map) to also reduce over, with one
+        all-reduce of (count, sum, sum of squares).
+      axis_index_groups: groups of devices along `axis_name` reduced separately.
+      mask: boolean, broadcastable to `x`; False elements are left out of the
+        statistics and may hold NaN or Inf.
+      use_fast_variance: if False, the exact two-pass algorithm (a second
+        all-reduce with `axis_name`).
+
+    Returns:
+      `(mean, var)` with `axes` removed, in the input dtype promoted to at least
+      float32. With no valid element both are 0.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxrenorm
+      >>> mean, var = jaxrenorm.moments(jnp.array([[1.0, 2.0], [3.0, 6.0]]), axes=0)
+      >>> mean.tolist(), var.tolist()
+      ([2.0, 4.0], [1.0, 4.0])
+    """
+    x = check_input(x)
+    red = canonical_axes(x.ndim, axes, "axes")
+    if mask is not None:
+        mask = check_mask(mask, x.shape)
+    m = compute_moments(
+        x,
+        red,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+        use_fast_variance=use_fast_variance,
+    )
+    return jnp.squeeze(m.mean, red), jnp.squeeze(m.var, red)

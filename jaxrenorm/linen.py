@@ -1,0 +1,190 @@
+"""Flax linen modules. They create and write variables; the math is in `jaxrenorm._norm`.
+
+`BatchNorm` is a drop-in for `flax.linen.BatchNorm`: the same fields, defaults,
+call signature and variables (`params/scale`, `params/bias`, `batch_stats/mean`,
+`batch_stats/var`), so a checkpoint written by one loads into the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from flax.linen import initializers
+from flax.linen.module import merge_param
+
+from jaxrenorm import schedules
+from jaxrenorm._checks import Axes, check_input, check_layout
+from jaxrenorm._norm import batch_norm, batch_renorm
+
+__all__ = ["BatchNorm", "BatchRenorm"]
+
+Initializer = Callable[..., jax.Array]
+Bound = float | Callable[[jax.Array], jax.Array]
+
+
+class _Normalization(nn.Module):
+    """Fields and variables shared by BatchNorm and BatchRenorm (Flax's names and defaults)."""
+
+    use_running_average: bool | None = None
+    axis: Axes = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    use_bias: bool = True
+    use_scale: bool = True
+    bias_init: Initializer = initializers.zeros
+    scale_init: Initializer = initializers.ones
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
+
+    def _variables(self, x: jax.Array):
+        """Declares the variables; returns (params, running-statistics variables, out dtype)."""
+        x = check_input(x)
+        feature_axes, _ = check_layout(x.shape, self.axis)
+        feature_shape = tuple(x.shape[a] for a in feature_axes)
+        # Flax keeps the running statistics in float32 unless told otherwise.
+        stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, stats_dtype)
+        var = self.variable("batch_stats", "var", jnp.ones, feature_shape, stats_dtype)
+        params = {}
+        if self.use_scale:
+            params["scale"] = self.param("scale", self.scale_init, feature_shape, self.param_dtype)
+        if self.use_bias:
+            params["bias"] = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
+        # As flax.linen.BatchNorm: the output dtype is inferred from input and params.
+        dtype = self.dtype if self.dtype is not None else jnp.result_type(x, *params.values())
+        return x, params, (mean, var), dtype
+
+    def _kwargs(self, use_running_average: bool, mask: jax.Array | None, dtype: Any) -> dict:
+        return dict(
+            use_running_average=use_running_average,
+            axis=self.axis,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            # As in Flax, the named axis need not exist while initializing.
+            axis_name=None if self.is_initializing() else self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            mask=mask,
+            use_fast_variance=self.use_fast_variance,
+            dtype=dtype,
+        )
+
+    def _write(self, running, new_stats: dict[str, jax.Array], use_running_average: bool) -> bool:
+        """Stores new running statistics; returns whether this call was a training step."""
+        if use_running_average or self.is_initializing():
+            return False
+        mean, var = running
+        mean.value, var.value = new_stats["mean"], new_stats["var"]
+        return True
+
+
+class BatchNorm(_Normalization):
+    """Batch Normalization (Ioffe & Szegedy 2015), a drop-in for `flax.linen.BatchNorm`.
+
+    Training normalizes with the batch's mean and biased variance over every axis
+    but `axis` and updates the running statistics
+    (`mean <- momentum * mean + (1 - momentum) * batch_mean`, likewise `var`);
+    inference (`use_running_average=True`) uses the running statistics. The math
+    and its numerics are `jaxrenorm.batch_norm`'s; unlike Flax's default, the
+    default variance is accurate on offset data (x = 1e4 + N(0, 1): relative
+    error 6e-6 where Flax's has 25).
+
+    Attributes: those of `flax.linen.BatchNorm`, with the same defaults.
+      `force_float32_reductions=False` keeps the running statistics in
+      `param_dtype`, as in Flax, but statistics are still computed in at least
+      float32: reducing in bfloat16 is not faster on any backend we measured and
+      loses most of the variance's digits.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxrenorm
+      >>> bn = jaxrenorm.linen.BatchNorm(use_running_average=False)
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+      >>> variables = bn.init(jax.random.key(1), x)
+      >>> y, updates = bn.apply(variables, x, mutable=["batch_stats"])
+      >>> sorted(updates["batch_stats"])
+      ['mean', 'var']
+    """
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Normalizes `x`; see the class docstring. `mask` selects the elements for statistics."""
+        use_running_average = merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        x, params, running, dtype = self._variables(x)
+        stats = {"mean": running[0].value, "var": running[1].value}
+        y, new_stats = batch_norm(
+            x, params, stats, **self._kwargs(use_running_average, mask, dtype)
+        )
+        self._write(running, new_stats, use_running_average)
+        return y
+
+
+class BatchRenorm(_Normalization):
+    """Batch Renormalization (Ioffe 2017, arXiv 1702.03275) as a Flax linen module.
+
+    The fields of `BatchNorm` plus the clipping bounds `r_max` and `d_max`, each a
+    float or a schedule `step -> value` (any optax schedule). When either is a
+    schedule, `batch_stats` also holds an int32 scalar `steps`, the number of
+    training calls so far: the bounds are the schedules' values at `steps`, and
+    `steps` is incremented once per training call (not during `init`, not with
+    `use_running_average`). The defaults are the paper's schedules
+    (`jaxrenorm.schedules.PAPER_R_MAX`, `PAPER_D_MAX`): plain BatchNorm for 5,000
+    steps, then r_max to 3 at 40,000 and d_max to 5 at 25,000. Inference is
+    exactly BatchNorm's. The math is `jaxrenorm.batch_renorm`'s.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxrenorm
+      >>> brn = jaxrenorm.linen.BatchRenorm(use_running_average=False)
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+      >>> variables = brn.init(jax.random.key(1), x)
+      >>> y, updates = brn.apply(variables, x, mutable=["batch_stats"])
+      >>> int(updates["batch_stats"]["steps"])
+      1
+    """
+
+    r_max: Bound = schedules.PAPER_R_MAX
+    d_max: Bound = schedules.PAPER_D_MAX
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Normalizes `x`; see the class docstring. `mask` selects the elements for statistics."""
+        use_running_average = merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        x, params, running, dtype = self._variables(x)
+        scheduled = callable(self.r_max) or callable(self.d_max)
+        steps = (
+            self.variable("batch_stats", "steps", jnp.zeros, (), jnp.int32) if scheduled else None
+        )
+        r_max, d_max = self.r_max, self.d_max
+        if steps is not None:
+            r_max = r_max(steps.value) if callable(r_max) else r_max
+            d_max = d_max(steps.value) if callable(d_max) else d_max
+        stats = {"mean": running[0].value, "var": running[1].value}
+        y, new_stats = batch_renorm(
+            x, params, stats, r_max=r_max, d_max=d_max,
+            **self._kwargs(use_running_average, mask, dtype),
+        )  # fmt: skip
+        if self._write(running, new_stats, use_running_average) and steps is not None:
+            steps.value = steps.value + 1
+        return y

@@ -1,0 +1,61 @@
+"""Ramps for Batch Renormalization's clipping bounds, as optax schedules.
+
+Ioffe (2017, arXiv 1702.03275, section 4) trains as plain BatchNorm first
+(r_max = 1, d_max = 0 for 5,000 steps), then relaxes the bounds gradually: r_max
+reaches 3 at step 40,000 and d_max reaches 5 at step 25,000. "It was important
+to increase r_max slowly": a fast ramp blew up the loss. Each ramp is an
+`optax.linear_schedule`: constant before `transition_begin`, linear after it,
+constant once it reaches its final value.
+"""
+
+from __future__ import annotations
+
+import optax
+
+__all__ = ["PAPER_D_MAX", "PAPER_R_MAX", "d_max_schedule", "r_max_schedule"]
+
+
+def _ramp(start: float, final: float, begin: int, end: int, name: str) -> optax.Schedule:
+    if not 0 <= begin <= end:
+        raise ValueError(f"{name}: need 0 <= begin <= end, got begin={begin}, end={end}.")
+    return optax.linear_schedule(
+        init_value=start, end_value=final, transition_steps=end - begin, transition_begin=begin
+    )
+
+
+def r_max_schedule(final: float = 3.0, begin: int = 5_000, end: int = 40_000) -> optax.Schedule:
+    """r_max held at 1 until step `begin`, then linear to `final` at step `end`.
+
+    Defaults are the paper's: 1 for 5,000 steps, 3 at 40,000.
+
+    Example:
+      >>> from jaxrenorm import schedules
+      >>> s = schedules.r_max_schedule()
+      >>> [round(float(s(t)), 3) for t in (0, 5_000, 22_500, 40_000, 99_999)]
+      [1.0, 1.0, 2.0, 3.0, 3.0]
+    """
+    if final < 1:
+        raise ValueError(f"r_max_schedule: `final` must be >= 1, got {final}.")
+    return _ramp(1.0, final, begin, end, "r_max_schedule")
+
+
+def d_max_schedule(final: float = 5.0, begin: int = 5_000, end: int = 25_000) -> optax.Schedule:
+    """d_max held at 0 until step `begin`, then linear to `final` at step `end`.
+
+    Defaults are the paper's: 0 for 5,000 steps, 5 at 25,000.
+
+    Example:
+      >>> from jaxrenorm import schedules
+      >>> s = schedules.d_max_schedule()
+      >>> [round(float(s(t)), 3) for t in (0, 5_000, 15_000, 25_000)]
+      [0.0, 0.0, 2.5, 5.0]
+    """
+    if final < 0:
+        raise ValueError(f"d_max_schedule: `final` must be >= 0, got {final}.")
+    return _ramp(0.0, final, begin, end, "d_max_schedule")
+
+
+#: The paper's r_max schedule: 1 until step 5,000, then linear to 3 at step 40,000.
+PAPER_R_MAX: optax.Schedule = r_max_schedule()
+#: The paper's d_max schedule: 0 until step 5,000, then linear to 5 at step 25,000.
+PAPER_D_MAX: optax.Schedule = d_max_schedule()

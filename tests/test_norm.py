@@ -1,0 +1,382 @@
+"""batch_norm / batch_renorm / init_batch_stats against the float64 reference."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxrenorm
+from tests import reference
+
+SHAPES_AXES = [
+    ((16, 5), -1),
+    ((4, 6, 6, 3), -1),
+    ((4, 3, 5, 5), 1),  # NCHW
+    ((6, 4, 5), (1, 2)),  # two feature axes
+    ((3, 7, 2), (0, -1)),  # non-contiguous feature axes
+]
+
+
+def _data(shape, axis, seed=0, offset=0.0):
+    rng = np.random.default_rng(seed)
+    fa, _ = reference.split_axes(len(shape), axis)
+    fshape = tuple(shape[a] for a in fa)
+    x = rng.normal(size=shape) * 2.0 + offset
+    scale = rng.uniform(0.5, 1.5, size=fshape)
+    bias = rng.normal(size=fshape)
+    mean = rng.normal(size=fshape)
+    var = rng.uniform(0.5, 2.0, size=fshape)
+    g = rng.normal(size=shape)
+    return x, scale, bias, mean, var, g
+
+
+def _run(fn, x, scale, bias, mean, var, g, **kw):
+    """Output, new stats and the gradients of sum(g * y) w.r.t. x, scale, bias."""
+    stats = {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)}
+
+    def f(x, scale, bias):
+        return fn(x, {"scale": scale, "bias": bias}, stats, **kw)
+
+    args = [jnp.asarray(a, jnp.float32) for a in (x, scale, bias)]
+    y, f_vjp, new = jax.vjp(f, *args, has_aux=True)
+    dx, dscale, dbias = f_vjp(jnp.asarray(g, jnp.float32))
+    return y, new, dx, dscale, dbias
+
+
+def _assert_matches(got, ref, rtol=2e-5, atol=2e-5):
+    y, new, dx, dscale, dbias = got
+    np.testing.assert_allclose(y, ref.y, rtol=rtol, atol=atol, err_msg="y")
+    np.testing.assert_allclose(new["mean"], ref.new_mean, rtol=rtol, atol=atol, err_msg="mean")
+    np.testing.assert_allclose(new["var"], ref.new_var, rtol=rtol, atol=atol, err_msg="var")
+    np.testing.assert_allclose(dx, ref.dx, rtol=1e-4, atol=1e-4, err_msg="dx")
+    np.testing.assert_allclose(dscale, ref.dscale, rtol=1e-4, atol=1e-4, err_msg="dscale")
+    np.testing.assert_allclose(dbias, ref.dbias, rtol=1e-4, atol=1e-4, err_msg="dbias")
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "two_pass"])
+@pytest.mark.parametrize(("shape", "axis"), SHAPES_AXES)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_batch_norm_matches_reference(shape, axis, train, fast):
+    x, scale, bias, mean, var, g = _data(shape, axis, offset=3.0)
+    got = _run(
+        jaxrenorm.batch_norm, x, scale, bias, mean, var, g,
+        use_running_average=not train, axis=axis, momentum=0.9, use_fast_variance=fast,
+    )  # fmt: skip
+    ref = reference.normalize(x, scale, bias, mean, var, g, axis=axis, train=train, momentum=0.9)
+    _assert_matches(got, ref)
+
+
+@pytest.mark.parametrize(("shape", "axis"), SHAPES_AXES)
+@pytest.mark.parametrize(("r_max", "d_max"), [(1.0, 0.0), (1.2, 0.3), (3.0, 5.0), (100.0, 100.0)])
+def test_batch_renorm_matches_reference(shape, axis, r_max, d_max):
+    x, scale, bias, mean, var, g = _data(shape, axis, seed=1, offset=1.0)
+    got = _run(
+        jaxrenorm.batch_renorm, x, scale, bias, mean, var, g,
+        use_running_average=False, axis=axis, r_max=r_max, d_max=d_max,
+    )  # fmt: skip
+    ref = reference.normalize(
+        x, scale, bias, mean, var, g, axis=axis, train=True, r_max=r_max, d_max=d_max
+    )
+    _assert_matches(got, ref)
+
+
+def test_renorm_clipping_is_exercised():
+    """The parametrized cases above really mix clipped and unclipped features."""
+    x, scale, bias, mean, var, g = _data((16, 5), -1, seed=1, offset=1.0)
+    ref = reference.normalize(x, scale, bias, mean, var, g, r_max=1.2, d_max=0.3)
+    assert np.any(np.abs(ref.r - 1.2) < 1e-12) or np.any(np.abs(ref.r - 1 / 1.2) < 1e-12)
+    assert np.any((ref.r > 1 / 1.2) & (ref.r < 1.2))
+    assert np.any(np.abs(np.abs(ref.d) - 0.3) < 1e-12)
+    assert np.any(np.abs(ref.d) < 0.3)
+
+
+def test_renorm_with_identity_bounds_equals_batch_norm():
+    x, scale, bias, mean, var, g = _data((8, 4, 4, 6), -1, seed=2)
+    bn = _run(jaxrenorm.batch_norm, x, scale, bias, mean, var, g, use_running_average=False)
+    brn = _run(
+        jaxrenorm.batch_renorm, x, scale, bias, mean, var, g,
+        use_running_average=False, r_max=1.0, d_max=0.0,
+    )  # fmt: skip
+    for a, b in zip(jax.tree.leaves(bn), jax.tree.leaves(brn), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_renorm_unclipped_training_output_equals_inference_output():
+    """With loose bounds, training already computes what inference will: (x - mu) / s."""
+    x, scale, bias, mean, var, _ = _data((32, 4), -1, seed=3)
+    stats = {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)}
+    params = {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+    xj = jnp.asarray(x, jnp.float32)
+    y_train, _ = jaxrenorm.batch_renorm(
+        xj, params, stats, use_running_average=False, r_max=1e6, d_max=1e6
+    )
+    y_eval, _ = jaxrenorm.batch_renorm(xj, params, stats, use_running_average=True)
+    np.testing.assert_allclose(y_train, y_eval, rtol=1e-5, atol=1e-5)
+
+
+def test_inference_returns_stats_unchanged():
+    x, scale, bias, mean, var, _ = _data((8, 3), -1)
+    stats = {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)}
+    for fn in (jaxrenorm.batch_norm, jaxrenorm.batch_renorm):
+        _, new = fn(jnp.asarray(x), {}, stats, use_running_average=True)
+        assert new["mean"] is stats["mean"] and new["var"] is stats["var"]
+
+
+def test_params_are_optional():
+    x, _, _, mean, var, g = _data((10, 3), -1)
+    ones, zeros = np.ones(3), np.zeros(3)
+    ref = reference.normalize(x, ones, zeros, mean, var, g)
+    stats = {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)}
+    for params in (None, {}, {"scale": None, "bias": None}):
+        y, _ = jaxrenorm.batch_norm(jnp.asarray(x), params, stats, use_running_average=False)
+        np.testing.assert_allclose(y, ref.y, rtol=2e-5, atol=2e-5)
+
+
+def test_extra_batch_stats_keys_are_kept():
+    stats = {**jaxrenorm.init_batch_stats(3), "steps": jnp.int32(7)}
+    _, new = jaxrenorm.batch_renorm(jnp.ones((4, 3)), {}, stats, use_running_average=False)
+    assert int(new["steps"]) == 7
+
+
+# --- numerics -------------------------------------------------------------------
+
+
+def test_offset_data_is_accurate_from_the_first_call():
+    """x = 1e4 + N(0, 1) in float32: Flax's default variance is off by ~2,700%."""
+    x = 1e4 + jax.random.normal(jax.random.key(0), (256, 16, 16, 8))
+    true_var = np.asarray(x, np.float64).reshape(-1, 8).var(0)
+    stats = jaxrenorm.init_batch_stats(8)
+    for fast in (True, False):
+        y, new = jaxrenorm.batch_norm(
+            x, {}, stats, use_running_average=False, momentum=0.0, use_fast_variance=fast
+        )
+        rel = np.abs(np.asarray(new["var"], np.float64) - true_var) / true_var
+        assert rel.max() <= 1e-3, rel.max()
+        std = np.asarray(y, np.float64).reshape(-1, 8).std(0)
+        np.testing.assert_allclose(std, 1.0, rtol=1e-2)
+    # The renorm path is just as accurate: with identity bounds it is BatchNorm.
+    y, new = jaxrenorm.batch_renorm(
+        x, {}, stats, use_running_average=False, momentum=0.0, r_max=1.0, d_max=0.0
+    )
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 8).std(0), 1.0, rtol=1e-2)
+
+
+def test_moments_on_offset_data():
+    x = 1e4 + jax.random.normal(jax.random.key(1), (4096, 4))
+    mean, var = jaxrenorm.moments(x, 0)
+    ref_mean, ref_var, _ = reference.moments(np.asarray(x), (0,))
+    np.testing.assert_allclose(var, ref_var.ravel(), rtol=1e-4)
+    np.testing.assert_allclose(mean, ref_mean.ravel(), rtol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_inputs(dtype):
+    x64 = np.random.default_rng(0).normal(size=(64, 8)) * 3 + 100
+    x = jnp.asarray(x64, dtype)
+    stats = jaxrenorm.init_batch_stats(8)
+    y, new = jaxrenorm.batch_norm(x, {}, stats, use_running_average=False, momentum=0.0)
+    assert y.dtype == dtype
+    assert new["mean"].dtype == jnp.float32 and new["var"].dtype == jnp.float32
+    # Statistics of the rounded input, computed in float32, not in `dtype`.
+    ref_mean, ref_var, _ = reference.moments(np.asarray(x, np.float64), (0,))
+    np.testing.assert_allclose(new["var"], ref_var.ravel(), rtol=1e-4)
+    np.testing.assert_allclose(new["mean"], ref_mean.ravel(), rtol=1e-6)
+    y32, _ = jaxrenorm.batch_norm(x, {}, stats, use_running_average=False, dtype=jnp.float32)
+    assert y32.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y32).std(0), 1.0, rtol=1e-3)
+
+
+def test_single_element_per_feature_is_finite():
+    x = jnp.asarray([[1.0, -2.0, 3.0]])
+    stats = jaxrenorm.init_batch_stats(3)
+    params = {"scale": jnp.ones(3), "bias": jnp.zeros(3)}
+    for fn in (jaxrenorm.batch_norm, functools.partial(jaxrenorm.batch_renorm, r_max=3.0)):
+
+        def loss(x, params, fn=fn):
+            y, _ = fn(x, params, stats, use_running_average=False)
+            return jnp.sum(y * jnp.arange(1.0, 4.0))
+
+        y, new = fn(x, params, stats, use_running_average=False)
+        grads = jax.grad(loss, argnums=(0, 1))(x, params)
+        for leaf in [y, *jax.tree.leaves(new), *jax.tree.leaves(grads)]:
+            assert np.all(np.isfinite(leaf))
+        np.testing.assert_allclose(new["var"], 0.99 * 1.0)  # var_B = 0
+
+
+def test_non_finite_batch_keeps_previous_running_stats():
+    x = np.random.default_rng(0).normal(size=(16, 4)).astype(np.float32)
+    x[3, 1] = np.nan
+    x[5, 2] = np.inf
+    stats = {"mean": jnp.full(4, 0.5), "var": jnp.full(4, 2.0)}
+    for fn in (jaxrenorm.batch_norm, jaxrenorm.batch_renorm):
+        y, new = fn(jnp.asarray(x), {}, stats, use_running_average=False)
+        assert np.isnan(np.asarray(y)[:, 1]).all()  # the loss shows the problem
+        np.testing.assert_array_equal(np.asarray(new["mean"])[[1, 2]], [0.5, 0.5])
+        np.testing.assert_array_equal(np.asarray(new["var"])[[1, 2]], [2.0, 2.0])
+        with np.errstate(invalid="ignore"):
+            ref = reference.normalize(x, np.ones(4), np.zeros(4), stats["mean"], stats["var"], x)
+        np.testing.assert_allclose(np.asarray(new["mean"])[[0, 3]], ref.new_mean[[0, 3]], rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(new["var"])[[0, 3]], ref.new_var[[0, 3]], rtol=1e-5)
+
+
+# --- masks ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask_shape", [(12, 1), (12, 4), (1, 4), (4,)])
+@pytest.mark.parametrize("renorm", [False, True])
+def test_mask_matches_reference(mask_shape, renorm):
+    rng = np.random.default_rng(4)
+    x, scale, bias, mean, var, g = _data((12, 4), -1, seed=4, offset=2.0)
+    mask = rng.random(mask_shape) < 0.6
+    mask.flat[0] = True
+    kw = {"r_max": 1.5, "d_max": 0.5} if renorm else {}
+    fn = jaxrenorm.batch_renorm if renorm else jaxrenorm.batch_norm
+    got = _run(fn, x, scale, bias, mean, var, g, use_running_average=False, mask=mask, **kw)
+    ref = reference.normalize(x, scale, bias, mean, var, g, mask=mask, **kw)
+    _assert_matches(got, ref)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_masked_non_finite_values_do_not_leak(fast):
+    x, scale, bias, mean, var, g = _data((10, 3), -1, seed=5)
+    mask = np.ones((10, 1), bool)
+    mask[[0, 4, 7]] = False  # the first row too: the shift must not come from it
+    x_bad = x.copy()
+    x_bad[0, 0], x_bad[4, 1], x_bad[7] = np.nan, np.inf, -np.inf
+    g = g * mask  # the loss ignores the masked rows
+    for fn, kw in [
+        (jaxrenorm.batch_norm, {}),
+        (jaxrenorm.batch_renorm, {"r_max": 1.5, "d_max": 0.5}),
+    ]:
+        ref = reference.normalize(x, scale, bias, mean, var, g, mask=mask, **kw)
+        y, new, dx, dscale, dbias = _run(
+            fn, x_bad, scale, bias, mean, var, g,
+            use_running_average=False, mask=mask, use_fast_variance=fast, **kw,
+        )  # fmt: skip
+        valid = mask[:, 0]
+        np.testing.assert_allclose(np.asarray(y)[valid], ref.y[valid], rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(new["mean"], ref.new_mean, rtol=2e-5)
+        np.testing.assert_allclose(new["var"], ref.new_var, rtol=2e-5)
+        for leaf in (y, dx, dscale, dbias):
+            assert np.all(np.isfinite(leaf))
+        np.testing.assert_allclose(dscale, ref.dscale, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(dbias, ref.dbias, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(dx)[valid], ref.dx[valid], rtol=1e-4, atol=1e-4)
+
+
+def test_everything_masked_leaves_stats_unchanged():
+    x = jnp.full((6, 3), jnp.nan)
+    stats = {"mean": jnp.full(3, 0.25), "var": jnp.full(3, 4.0)}
+    for fn in (jaxrenorm.batch_norm, jaxrenorm.batch_renorm):
+        y, new = fn(x, {}, stats, use_running_average=False, mask=jnp.zeros((6, 1), bool))
+        np.testing.assert_array_equal(new["mean"], stats["mean"])
+        np.testing.assert_array_equal(new["var"], stats["var"])
+        assert np.all(np.isfinite(y))
+    mean, var = jaxrenorm.moments(x, 0, mask=jnp.zeros((6, 3), bool))
+    np.testing.assert_array_equal(mean, 0.0)
+    np.testing.assert_array_equal(var, 0.0)
+
+
+def test_masked_moments_match_reference():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(5, 4, 3)) + 7
+    mask = rng.random((5, 4, 3)) < 0.5
+    mask[0] = True
+    for fast in (True, False):
+        mean, var = jaxrenorm.moments(
+            jnp.asarray(x, jnp.float32), (0, 1), mask=mask, use_fast_variance=fast
+        )
+        ref_mean, ref_var, _ = reference.moments(x, (0, 1), mask)
+        np.testing.assert_allclose(mean, ref_mean.ravel(), rtol=1e-6)
+        np.testing.assert_allclose(var, ref_var.ravel(), rtol=1e-4)
+
+
+# --- transforms -----------------------------------------------------------------
+
+
+def test_jit_with_traced_bounds():
+    """r_max / d_max may be traced scalars, e.g. a schedule evaluated inside jit."""
+    x, scale, bias, mean, var, g = _data((16, 5), -1, seed=7, offset=1.0)
+    stats = {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)}
+    params = {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+
+    @jax.jit
+    def step(x, params, stats, t):
+        sched = jaxrenorm.schedules.r_max_schedule(final=1.2, begin=0, end=10)
+        return jaxrenorm.batch_renorm(
+            x, params, stats, use_running_average=False, r_max=sched(t), d_max=0.3 * t / 10
+        )
+
+    y, new = step(jnp.asarray(x, jnp.float32), params, stats, 10)
+    ref = reference.normalize(x, scale, bias, mean, var, g, r_max=1.2, d_max=0.3)
+    np.testing.assert_allclose(y, ref.y, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(new["var"], ref.new_var, rtol=2e-5)
+
+
+def test_vmap_ensemble_keeps_separate_statistics():
+    """vmap over a leading member axis: each member has its own batch and running stats."""
+    x, scale, bias, mean, var, g = _data((3, 12, 4), -1, seed=8, offset=1.0)
+    stats = {
+        "mean": jnp.asarray(np.stack([mean * (i + 1) for i in range(3)]), jnp.float32),
+        "var": jnp.asarray(np.stack([var] * 3), jnp.float32),
+    }
+    params = {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+
+    def member(x, stats):
+        return jaxrenorm.batch_renorm(
+            x, params, stats, use_running_average=False, r_max=1.5, d_max=0.5
+        )
+
+    y, new = jax.jit(jax.vmap(member))(jnp.asarray(x, jnp.float32), stats)
+    for i in range(3):
+        ref = reference.normalize(
+            x[i], scale, bias, stats["mean"][i], var, g[i], r_max=1.5, d_max=0.5
+        )
+        np.testing.assert_allclose(y[i], ref.y, rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(new["mean"][i], ref.new_mean, rtol=2e-5, atol=2e-6)
+
+
+def test_grad_under_jit_matches_reference():
+    x, scale, bias, mean, var, g = _data((6, 5, 5, 4), -1, seed=9, offset=-4.0)
+    stats = {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)}
+
+    @jax.jit
+    def loss(x, params):
+        y, _ = jaxrenorm.batch_renorm(
+            x, params, stats, use_running_average=False, r_max=1.3, d_max=0.2
+        )
+        return jnp.sum(y * g)
+
+    params = {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+    dx, dp = jax.grad(loss, argnums=(0, 1))(jnp.asarray(x, jnp.float32), params)
+    ref = reference.normalize(x, scale, bias, mean, var, g, r_max=1.3, d_max=0.2)
+    np.testing.assert_allclose(dx, ref.dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dp["scale"], ref.dscale, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dp["bias"], ref.dbias, rtol=1e-4, atol=1e-4)
+
+
+def test_running_update_carries_no_gradient():
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(8, 3)), jnp.float32)
+    stats = jaxrenorm.init_batch_stats(3)
+
+    def f(x):
+        _, new = jaxrenorm.batch_norm(x, {}, stats, use_running_average=False)
+        return new["mean"].sum() + new["var"].sum()
+
+    np.testing.assert_array_equal(jax.grad(f)(x), 0.0)
+
+
+# --- init_batch_stats -----------------------------------------------------------
+
+
+def test_init_batch_stats():
+    stats = jaxrenorm.init_batch_stats((2, 3))
+    assert stats["mean"].shape == (2, 3) and stats["var"].shape == (2, 3)
+    assert stats["mean"].dtype == jnp.float32
+    np.testing.assert_array_equal(stats["mean"], 0.0)
+    np.testing.assert_array_equal(stats["var"], 1.0)
+    assert jaxrenorm.init_batch_stats(4, jnp.float16)["var"].dtype == jnp.float16
