@@ -119,7 +119,7 @@ def test_renorm_unclipped_training_output_equals_inference_output():
 
 
 def test_inference_returns_stats_unchanged():
-    x, scale, bias, mean, var, _ = _data((8, 3), -1)
+    x, _scale, _bias, mean, var, _ = _data((8, 3), -1)
     stats = {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)}
     for fn in (jaxrenorm.batch_norm, jaxrenorm.batch_renorm):
         _, new = fn(jnp.asarray(x), {}, stats, use_running_average=True)
