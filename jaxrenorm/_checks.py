@@ -18,7 +18,12 @@ Axes = int | Sequence[int]
 
 def canonical_axes(ndim: int, axis: Axes, name: str = "axis") -> tuple[int, ...]:
     """Returns `axis` as a sorted tuple of non-negative ints, or raises naming `name`."""
-    axes = (axis,) if isinstance(axis, int | np.integer) else tuple(axis)
+    if isinstance(axis, int | np.integer):
+        axes = (axis,)
+    elif isinstance(axis, Sequence):
+        axes = tuple(axis)
+    else:
+        raise TypeError(f"`{name}` must be an int or a tuple of ints, got {axis!r}.")
     if not axes:
         raise ValueError(f"`{name}` must name at least one axis, got {axis!r}.")
     out = []

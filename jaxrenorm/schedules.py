@@ -18,6 +18,10 @@ __all__ = ["PAPER_D_MAX", "PAPER_R_MAX", "d_max_schedule", "r_max_schedule"]
 def _ramp(start: float, final: float, begin: int, end: int, name: str) -> optax.Schedule:
     if not 0 <= begin <= end:
         raise ValueError(f"{name}: need 0 <= begin <= end, got begin={begin}, end={end}.")
+    if begin == end:  # a step, which linear_schedule would turn into a constant `start`
+        return optax.join_schedules(
+            [optax.constant_schedule(start), optax.constant_schedule(final)], boundaries=[begin]
+        )
     return optax.linear_schedule(
         init_value=start, end_value=final, transition_steps=end - begin, transition_begin=begin
     )

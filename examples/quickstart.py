@@ -1,0 +1,118 @@
+"""Quickstart: a small CNN with Batch Renormalization on scikit-learn's digits.
+
+Shows the linen modules in an ordinary optax training loop: `BatchRenorm` with
+its r_max / d_max ramps scaled to the length of the run (plain BatchNorm for the
+first eighth, r_max reaching 3 at the end and d_max reaching 5 at 5/8, the shape
+of Ioffe 2017's schedule), the `batch_stats` collection threaded through a jitted
+step, and evaluation with the running statistics. The data (1,797 8x8 images)
+ships inside scikit-learn; nothing is downloaded.
+
+Run: `python examples/quickstart.py` (about 30 seconds on 2 CPU cores; prints
+the test accuracy, typically 0.97-0.99).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+import jaxrenorm
+
+
+class CNN(nn.Module):
+    """Two conv blocks and a classifier, each conv followed by BatchRenorm."""
+
+    total_steps: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        n = self.total_steps
+        norm = lambda: jaxrenorm.linen.BatchRenorm(  # noqa: E731
+            use_running_average=not train,
+            r_max=jaxrenorm.schedules.r_max_schedule(3.0, begin=n // 8, end=n),
+            d_max=jaxrenorm.schedules.d_max_schedule(5.0, begin=n // 8, end=5 * n // 8),
+        )
+        for features in (32, 64):
+            x = nn.Conv(features, (3, 3), use_bias=False)(x)
+            x = nn.relu(norm()(x))
+        x = nn.avg_pool(x, (2, 2), strides=(2, 2))
+        x = x.reshape(x.shape[0], -1)
+        return nn.Dense(10)(x)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[..., None]  # (1797, 8, 8, 1)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, digits.target, test_size=0.25, random_state=args.seed, stratify=digits.target
+    )
+    steps_per_epoch = len(x_train) // args.batch_size
+    total_steps = args.epochs * steps_per_epoch
+
+    model = CNN(total_steps=total_steps)
+    variables = model.init(jax.random.key(args.seed), x_train[:2], train=False)
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    tx = optax.adam(optax.cosine_decay_schedule(3e-3, total_steps))
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def train_step(params, batch_stats, opt_state, x, y):
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats}, x, train=True,
+                mutable=["batch_stats"],
+            )  # fmt: skip
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+            return loss, updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    @jax.jit
+    def accuracy(params, batch_stats, x, y):
+        logits = model.apply({"params": params, "batch_stats": batch_stats}, x, train=False)
+        return jnp.mean(jnp.argmax(logits, -1) == y)
+
+    rng = np.random.default_rng(args.seed)
+    start = time.perf_counter()
+    for epoch in range(args.epochs):
+        order = rng.permutation(len(x_train))
+        losses = []
+        for i in range(steps_per_epoch):
+            idx = order[i * args.batch_size : (i + 1) * args.batch_size]
+            params, batch_stats, opt_state, loss = train_step(
+                params, batch_stats, opt_state, x_train[idx], y_train[idx]
+            )
+            losses.append(loss)
+        if epoch % 5 == 4 or epoch == args.epochs - 1:
+            acc = accuracy(params, batch_stats, x_test, y_test)
+            print(
+                f"epoch {epoch + 1:3d}  loss {float(np.mean(losses)):.4f}  "
+                f"test accuracy {float(acc):.4f}  steps {int(_steps(batch_stats))}"
+            )
+    acc = float(accuracy(params, batch_stats, x_test, y_test))
+    print(f"test accuracy: {acc:.4f} ({time.perf_counter() - start:.1f} s of training)")
+
+
+def _steps(batch_stats) -> jax.Array:
+    """The renorm step counter of the first normalization layer."""
+    return next(v["steps"] for v in batch_stats.values() if "steps" in v)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""jaxrenorm.linen against flax.linen.BatchNorm (the peer) and the float64 reference."""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxrenorm
+from tests import reference
+
+CONFIGS = [
+    dict(shape=(16, 5)),
+    dict(shape=(4, 6, 6, 3), momentum=0.9),
+    dict(shape=(4, 3, 5, 5), axis=1, epsilon=1e-3),
+    dict(shape=(6, 4, 5), axis=(1, 2)),
+    dict(shape=(8, 3), use_bias=False),
+    dict(shape=(8, 3), use_scale=False),
+    dict(shape=(8, 3), use_bias=False, use_scale=False),
+    dict(shape=(8, 3), dtype=jnp.bfloat16),
+    dict(shape=(8, 3), param_dtype=jnp.bfloat16),
+    dict(shape=(8, 3), force_float32_reductions=False, param_dtype=jnp.bfloat16),
+]
+
+
+def _split(config):
+    config = dict(config)
+    return config.pop("shape"), config
+
+
+def _x(shape, seed=0, offset=0.5):
+    return jax.random.normal(jax.random.key(seed), shape) * 2.0 + offset
+
+
+def _randomize(variables, seed=1):
+    """Non-trivial params and statistics, so equality of outputs means something."""
+    leaves, tree = jax.tree.flatten(variables)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    new = [
+        (jax.random.uniform(k, leaf.shape, jnp.float32, 0.5, 1.5)).astype(leaf.dtype)
+        for k, leaf in zip(keys, leaves, strict=True)
+    ]
+    return jax.tree.unflatten(tree, new)
+
+
+def _tree_allclose(a, b, rtol=1e-5, atol=1e-5):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(
+            np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=atol
+        )
+
+
+def _tol(config):
+    low = jnp.bfloat16 in (config.get("dtype"), config.get("param_dtype"))
+    return dict(rtol=2e-2, atol=2e-2) if low else dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: str(c))
+def test_variables_match_flax(config):
+    shape, kw = _split(config)
+    x = _x(shape)
+    ours = jaxrenorm.linen.BatchNorm(**kw).init(jax.random.key(0), x, use_running_average=False)
+    theirs = nn.BatchNorm(**kw).init(jax.random.key(0), x, use_running_average=False)
+    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: str(c))
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_apply_matches_flax(config, train):
+    """A Flax checkpoint loads unchanged and gives the same outputs and updates."""
+    shape, kw = _split(config)
+    x = _x(shape, seed=2)
+    theirs = nn.BatchNorm(use_fast_variance=False, **kw)  # Flax's accurate variance
+    variables = _randomize(theirs.init(jax.random.key(0), x, use_running_average=False))
+    y_ref, upd_ref = theirs.apply(
+        variables, x, use_running_average=not train, mutable=["batch_stats"]
+    )
+    for fast in (True, False):
+        ours = jaxrenorm.linen.BatchNorm(use_fast_variance=fast, **kw)
+        y, upd = ours.apply(variables, x, use_running_average=not train, mutable=["batch_stats"])
+        assert y.dtype == y_ref.dtype
+        _tree_allclose(y, y_ref, **_tol(config))
+        _tree_allclose(upd, upd_ref, **_tol(config))
+        for a, b, v in zip(
+            jax.tree.leaves(upd),
+            jax.tree.leaves(upd_ref),
+            jax.tree.leaves(variables["batch_stats"]),
+            strict=True,
+        ):
+            # Flax promotes bfloat16 statistics to float32 on the first update (so the
+            # next step retraces); ours keep the dtype they were created with.
+            assert a.dtype == v.dtype
+            assert a.dtype == b.dtype or kw.get("force_float32_reductions") is False
+
+
+def test_mask_matches_flax():
+    x = _x((12, 4), seed=3)
+    mask = jax.random.bernoulli(jax.random.key(4), 0.6, (12, 4)).at[0].set(True)
+    theirs = nn.BatchNorm(use_running_average=False, use_fast_variance=False)
+    variables = _randomize(theirs.init(jax.random.key(0), x))
+    y_ref, upd_ref = theirs.apply(variables, x, mask=mask, mutable=["batch_stats"])
+    ours = jaxrenorm.linen.BatchNorm(use_running_average=False)
+    y, upd = ours.apply(variables, x, mask=mask, mutable=["batch_stats"])
+    _tree_allclose((y, upd), (y_ref, upd_ref))
+
+
+def test_complex_inputs_match_flax():
+    k1, k2 = jax.random.split(jax.random.key(5))
+    x = (jax.random.normal(k1, (16, 3)) + 1j * jax.random.normal(k2, (16, 3)) + 2 - 1j).astype(
+        jnp.complex64
+    )
+    theirs = nn.BatchNorm(use_running_average=False, use_fast_variance=False)
+    variables = theirs.init(jax.random.key(0), x)
+    y_ref, upd_ref = theirs.apply(variables, x, mutable=["batch_stats"])
+    y, upd = jaxrenorm.linen.BatchNorm(use_running_average=False).apply(
+        variables, x, mutable=["batch_stats"]
+    )
+    assert y.dtype == y_ref.dtype
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(upd), jax.tree.leaves(upd_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_training_against_reference():
+    x = _x((32, 6), seed=6, offset=3.0)
+    bn = jaxrenorm.linen.BatchNorm(momentum=0.8)
+    variables = _randomize(bn.init(jax.random.key(0), x, use_running_average=False))
+    g = jax.random.normal(jax.random.key(7), x.shape)
+
+    def loss(params, x):
+        y, upd = bn.apply(
+            {"params": params, "batch_stats": variables["batch_stats"]},
+            x,
+            use_running_average=False,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(y * g), upd
+
+    (_, upd), (dparams, dx) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+        variables["params"], x
+    )
+    p, s = variables["params"], variables["batch_stats"]
+    ref = reference.normalize(x, p["scale"], p["bias"], s["mean"], s["var"], g, momentum=0.8)
+    np.testing.assert_allclose(dx, ref.dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dparams["scale"], ref.dscale, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dparams["bias"], ref.dbias, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], ref.new_var, rtol=1e-5)
+
+
+def test_init_does_not_update_statistics_and_ignores_axis_name():
+    x = _x((8, 3), offset=10.0)
+    for module in (
+        jaxrenorm.linen.BatchNorm(use_running_average=False, axis_name="batch"),
+        jaxrenorm.linen.BatchRenorm(use_running_average=False, axis_name="batch"),
+    ):
+        variables = module.init(jax.random.key(0), x)  # no "batch" axis exists here
+        np.testing.assert_array_equal(variables["batch_stats"]["mean"], 0.0)
+        np.testing.assert_array_equal(variables["batch_stats"]["var"], 1.0)
+    assert int(variables["batch_stats"]["steps"]) == 0
+
+
+def test_use_running_average_is_merged_like_flax():
+    x = _x((4, 3))
+    bn = jaxrenorm.linen.BatchNorm(use_running_average=True)
+    variables = bn.init(jax.random.key(0), x)
+    with pytest.raises(ValueError, match="use_running_average"):
+        bn.apply(variables, x, use_running_average=False)
+    with pytest.raises(ValueError, match="use_running_average"):
+        jaxrenorm.linen.BatchNorm().apply(variables, x)
+
+
+def test_eval_does_not_need_mutable_stats():
+    x = _x((4, 3))
+    for module in (jaxrenorm.linen.BatchNorm(), jaxrenorm.linen.BatchRenorm()):
+        variables = module.init(jax.random.key(0), x, use_running_average=True)
+        y = module.apply(variables, x, use_running_average=True)
+        np.testing.assert_allclose(y, x / np.sqrt(1 + 1e-5), rtol=1e-6)
+
+
+# --- BatchRenorm ------------------------------------------------------------------
+
+
+def test_batch_renorm_module_matches_reference():
+    x = _x((16, 4), seed=8, offset=1.0)
+    brn = jaxrenorm.linen.BatchRenorm(r_max=1.5, d_max=0.5, use_running_average=False)
+    variables = _randomize(brn.init(jax.random.key(0), x))
+    assert "steps" not in variables["batch_stats"]  # constant bounds need no counter
+    y, upd = brn.apply(variables, x, mutable=["batch_stats"])
+    p, s = variables["params"], variables["batch_stats"]
+    ref = reference.normalize(
+        x, p["scale"], p["bias"], s["mean"], s["var"], x, r_max=1.5, d_max=0.5
+    )
+    np.testing.assert_allclose(y, ref.y, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], ref.new_mean, rtol=2e-5)
+
+
+def test_batch_renorm_steps_and_schedule():
+    """`steps` counts training calls only; the bounds are the schedules' values at it."""
+    x = _x((16, 4), seed=9, offset=1.0)
+    r_sched = optax.linear_schedule(1.0, 2.0, transition_steps=4)
+    d_sched = optax.linear_schedule(0.0, 1.0, transition_steps=4)
+    brn = jaxrenorm.linen.BatchRenorm(r_max=r_sched, d_max=d_sched, momentum=0.5)
+    variables = brn.init(jax.random.key(0), x, use_running_average=False)
+    assert variables["batch_stats"]["steps"].dtype == jnp.int32
+    assert int(variables["batch_stats"]["steps"]) == 0
+
+    step = jax.jit(functools.partial(brn.apply, use_running_average=False, mutable=["batch_stats"]))
+    for t in range(6):
+        stats = variables["batch_stats"]
+        xt = x * (1 + 0.3 * t) + t
+        y, upd = step(variables, xt)
+        p = variables["params"]
+        ref = reference.normalize(
+            xt, p["scale"], p["bias"], stats["mean"], stats["var"], xt, momentum=0.5,
+            r_max=float(r_sched(t)), d_max=float(d_sched(t)),
+        )  # fmt: skip
+        np.testing.assert_allclose(y, ref.y, rtol=2e-5, atol=2e-5)
+        assert int(upd["batch_stats"]["steps"]) == t + 1
+        variables = {"params": variables["params"], **upd}
+
+    _y_eval, upd = brn.apply(variables, x, use_running_average=True, mutable=["batch_stats"])
+    assert int(upd["batch_stats"]["steps"]) == 6  # inference does not count
+
+
+def test_paper_schedule_is_the_default_and_starts_as_batch_norm():
+    x = _x((16, 4), seed=10, offset=2.0)
+    brn = jaxrenorm.linen.BatchRenorm(use_running_average=False)
+    assert brn.r_max is jaxrenorm.schedules.PAPER_R_MAX
+    assert brn.d_max is jaxrenorm.schedules.PAPER_D_MAX
+    variables = _randomize(brn.init(jax.random.key(0), x))
+    variables["batch_stats"]["steps"] = jnp.int32(0)
+    bn = jaxrenorm.linen.BatchNorm(use_running_average=False)
+    bn_vars = {"params": variables["params"], "batch_stats": dict(variables["batch_stats"])}
+    del bn_vars["batch_stats"]["steps"]
+    y_brn, _ = brn.apply(variables, x, mutable=["batch_stats"])
+    y_bn, _ = bn.apply(bn_vars, x, mutable=["batch_stats"])
+    np.testing.assert_allclose(y_brn, y_bn, rtol=1e-6, atol=1e-6)
+
+
+def test_modules_train_in_a_model():
+    """A small MLP with each module trains (loss falls) under jit with optax."""
+
+    class MLP(nn.Module):
+        norm: type
+
+        @nn.compact
+        def __call__(self, x, train):
+            x = nn.Dense(16)(x)
+            x = self.norm(use_running_average=not train)(x)
+            return nn.Dense(1)(nn.relu(x))
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(64, 4)).astype(np.float32) * 5 + 20
+    Y = (X[:, :1] - 20) ** 2 / 25
+    for norm in (
+        jaxrenorm.linen.BatchNorm,
+        functools.partial(jaxrenorm.linen.BatchRenorm, r_max=2.0, d_max=1.0),
+    ):
+        model = MLP(norm)
+        variables = model.init(jax.random.key(0), X, train=False)
+        tx = optax.adam(1e-2)
+        opt = tx.init(variables["params"])
+
+        @jax.jit
+        def step(params, stats, opt, model=model, tx=tx):
+            def loss_fn(params):
+                pred, upd = model.apply(
+                    {"params": params, "batch_stats": stats}, X, train=True, mutable=["batch_stats"]
+                )
+                return jnp.mean((pred - Y) ** 2), upd["batch_stats"]
+
+            (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+            updates, opt = tx.update(grads, opt)
+            return optax.apply_updates(params, updates), stats, opt, loss
+
+        params, stats = variables["params"], variables["batch_stats"]
+        losses = []
+        for _ in range(60):
+            params, stats, opt, loss = step(params, stats, opt)
+            losses.append(float(loss))
+        assert losses[-1] < 0.2 * losses[0], losses[::10]
+        eval_pred = model.apply({"params": params, "batch_stats": stats}, X, train=False)
+        assert np.all(np.isfinite(eval_pred))

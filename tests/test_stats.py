@@ -1,0 +1,92 @@
+"""jaxrenorm.moments against the float64 reference, on one device and across devices."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxrenorm
+from tests import reference
+
+
+def test_moments_on_offset_data():
+    x = 1e4 + jax.random.normal(jax.random.key(1), (4096, 4))
+    mean, var = jaxrenorm.moments(x, 0)
+    ref_mean, ref_var, _ = reference.moments(np.asarray(x), (0,))
+    np.testing.assert_allclose(var, ref_var.ravel(), rtol=1e-4)
+    np.testing.assert_allclose(mean, ref_mean.ravel(), rtol=1e-7)
+
+
+def test_masked_moments_match_reference():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(5, 4, 3)) + 7
+    mask = rng.random((5, 4, 3)) < 0.5
+    mask[0] = True
+    for fast in (True, False):
+        mean, var = jaxrenorm.moments(
+            jnp.asarray(x, jnp.float32), (0, 1), mask=mask, use_fast_variance=fast
+        )
+        ref_mean, ref_var, _ = reference.moments(x, (0, 1), mask)
+        np.testing.assert_allclose(mean, ref_mean.ravel(), rtol=1e-6)
+        np.testing.assert_allclose(var, ref_var.ravel(), rtol=1e-4)
+
+
+# --- transforms -----------------------------------------------------------------
+
+
+def test_moments_of_rank_four_with_tuple_axes():
+    x = np.random.default_rng(1).normal(size=(4, 3, 5, 6)) * 3 - 2
+    for axes in [(0, 2), (0, 1, 2), (-1,)]:
+        mean, var = jaxrenorm.moments(jnp.asarray(x, jnp.float32), axes)
+        ref_mean, ref_var, _ = reference.moments(x, tuple(a % 4 for a in axes))
+        np.testing.assert_allclose(mean, np.squeeze(ref_mean, axes), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(var, np.squeeze(ref_var, axes), rtol=1e-5)
+
+
+def _pmap_moments(x, mask, **kw):
+    fn = functools.partial(jaxrenorm.moments, axes=0, axis_name="d", **kw)
+    return jax.pmap(lambda x, m: fn(x, mask=m), axis_name="d")(x, mask)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_masked_moments_across_devices_weight_by_count(fast):
+    """Two devices with 6 and 2 valid rows: the mean is over all 8 valid rows.
+
+    flax.linen.BatchNorm averages the per-device masked means here (and a device
+    with no valid row gives NaN).
+    """
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(2, 8, 3)) * 2 + 5
+    x[1] += 4
+    mask = np.zeros((2, 8, 1), bool)
+    mask[0, :6] = True
+    mask[1, :2] = True
+    mean, var = _pmap_moments(jnp.asarray(x, jnp.float32), mask, use_fast_variance=fast)
+    ref_mean, ref_var, _ = reference.moments(x.reshape(16, 3), (0,), mask.reshape(16, 1))
+    for d in range(2):
+        np.testing.assert_allclose(mean[d], ref_mean.ravel(), rtol=1e-5)
+        np.testing.assert_allclose(var[d], ref_var.ravel(), rtol=1e-4)
+
+
+def test_a_device_without_valid_elements_is_harmless():
+    x = np.random.default_rng(3).normal(size=(4, 5, 2))
+    x[2] = np.nan  # every row on device 2 is masked and holds NaN
+    mask = np.ones((4, 5, 1), bool)
+    mask[2] = False
+    mean, var = _pmap_moments(jnp.asarray(x, jnp.float32), mask)
+    ref_mean, ref_var, _ = reference.moments(np.delete(x, 2, 0).reshape(15, 2), (0,))
+    np.testing.assert_allclose(mean[0], ref_mean.ravel(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var[3], ref_var.ravel(), rtol=1e-4)
+
+
+def test_fast_moments_use_one_all_reduce():
+    x = jnp.ones((8, 4, 3))
+    mask = jnp.ones((4, 1), bool)  # closed over: the same on every device
+    for kw in (dict(), dict(mask=mask)):
+        f = jax.pmap(lambda x, kw=kw: jaxrenorm.moments(x, 0, axis_name="d", **kw), axis_name="d")
+        hlo = f.lower(x).as_text()
+        assert hlo.count("all_reduce") + hlo.count("all-reduce") == 1, hlo
