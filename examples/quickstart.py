@@ -73,9 +73,11 @@ def main() -> None:
     def train_step(params, batch_stats, opt_state, x, y):
         def loss_fn(params):
             logits, updates = model.apply(
-                {"params": params, "batch_stats": batch_stats}, x, train=True,
+                {"params": params, "batch_stats": batch_stats},
+                x,
+                train=True,
                 mutable=["batch_stats"],
-            )  # fmt: skip
+            )
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
             return loss, updates["batch_stats"]
 

@@ -132,11 +132,20 @@ def batch_norm(
       True
     """
     return _normalize(
-        x, params, batch_stats, use_running_average=use_running_average, axis=axis,
-        momentum=momentum, epsilon=epsilon, axis_name=axis_name,
-        axis_index_groups=axis_index_groups, mask=mask,
-        use_fast_variance=use_fast_variance, dtype=dtype, clip=None,
-    )  # fmt: skip
+        x,
+        params,
+        batch_stats,
+        use_running_average=use_running_average,
+        axis=axis,
+        momentum=momentum,
+        epsilon=epsilon,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+        use_fast_variance=use_fast_variance,
+        dtype=dtype,
+        clip=None,
+    )
 
 
 def batch_renorm(
@@ -203,11 +212,20 @@ def batch_renorm(
     check_scalar(r_max, "r_max", 1.0)
     check_scalar(d_max, "d_max", 0.0)
     return _normalize(
-        x, params, batch_stats, use_running_average=use_running_average, axis=axis,
-        momentum=momentum, epsilon=epsilon, axis_name=axis_name,
-        axis_index_groups=axis_index_groups, mask=mask,
-        use_fast_variance=use_fast_variance, dtype=dtype, clip=(r_max, d_max),
-    )  # fmt: skip
+        x,
+        params,
+        batch_stats,
+        use_running_average=use_running_average,
+        axis=axis,
+        momentum=momentum,
+        epsilon=epsilon,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+        use_fast_variance=use_fast_variance,
+        dtype=dtype,
+        clip=(r_max, d_max),
+    )
 
 
 def _normalize(
@@ -272,9 +290,14 @@ def _normalize(
     # Across devices the shift must be the same everywhere: the running mean is.
     shift = lax.stop_gradient(mean_k) if axis_name is not None else None
     m = compute_moments(
-        xc, reduction_axes, axis_name=axis_name, axis_index_groups=axis_index_groups,
-        mask=mask, use_fast_variance=use_fast_variance, shift=shift,
-    )  # fmt: skip
+        xc,
+        reduction_axes,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+        use_fast_variance=use_fast_variance,
+        shift=shift,
+    )
     inv_std = lax.rsqrt(m.var + epsilon)
     if clip is None:
         a, b = inv_std, None

@@ -182,9 +182,13 @@ class BatchRenorm(_Normalization):
             d_max = d_max(steps.value) if callable(d_max) else d_max
         stats = {"mean": running[0].value, "var": running[1].value}
         y, new_stats = batch_renorm(
-            x, params, stats, r_max=r_max, d_max=d_max,
+            x,
+            params,
+            stats,
+            r_max=r_max,
+            d_max=d_max,
             **self._kwargs(use_running_average, mask, dtype),
-        )  # fmt: skip
+        )
         if self._write(running, new_stats, use_running_average) and steps is not None:
             steps.value = steps.value + 1
         return y

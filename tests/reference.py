@@ -106,8 +106,11 @@ def normalize(
     m = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask, bool), x.shape)
     n = np.maximum(count, 1)
     gh = g * gamma * r  # dL/dxhat
-    dx = (gh - m * gh.sum(axis=ra, keepdims=True) / n
-          - m * xhat * (gh * xhat).sum(axis=ra, keepdims=True) / n) / s_b  # fmt: skip
+    dx = (
+        gh
+        - m * gh.sum(axis=ra, keepdims=True) / n
+        - m * xhat * (gh * xhat).sum(axis=ra, keepdims=True) / n
+    ) / s_b
 
     # A feature with no valid element keeps its running statistics.
     new_mean = np.where(count > 0, momentum * mu_run + (1 - momentum) * mu_b, mu_run)

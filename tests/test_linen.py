@@ -220,9 +220,16 @@ def test_batch_renorm_steps_and_schedule():
         y, upd = step(variables, xt)
         p = variables["params"]
         ref = reference.normalize(
-            xt, p["scale"], p["bias"], stats["mean"], stats["var"], xt, momentum=0.5,
-            r_max=float(r_sched(t)), d_max=float(d_sched(t)),
-        )  # fmt: skip
+            xt,
+            p["scale"],
+            p["bias"],
+            stats["mean"],
+            stats["var"],
+            xt,
+            momentum=0.5,
+            r_max=float(r_sched(t)),
+            d_max=float(d_sched(t)),
+        )
         np.testing.assert_allclose(y, ref.y, rtol=2e-5, atol=2e-5)
         assert int(upd["batch_stats"]["steps"]) == t + 1
         variables = {"params": variables["params"], **upd}

@@ -63,9 +63,18 @@ def _assert_matches(got, ref, rtol=2e-5, atol=2e-5):
 def test_batch_norm_matches_reference(shape, axis, train, fast):
     x, scale, bias, mean, var, g = _data(shape, axis, offset=3.0)
     got = _run(
-        jaxrenorm.batch_norm, x, scale, bias, mean, var, g,
-        use_running_average=not train, axis=axis, momentum=0.9, use_fast_variance=fast,
-    )  # fmt: skip
+        jaxrenorm.batch_norm,
+        x,
+        scale,
+        bias,
+        mean,
+        var,
+        g,
+        use_running_average=not train,
+        axis=axis,
+        momentum=0.9,
+        use_fast_variance=fast,
+    )
     ref = reference.normalize(x, scale, bias, mean, var, g, axis=axis, train=train, momentum=0.9)
     _assert_matches(got, ref)
 
@@ -75,9 +84,18 @@ def test_batch_norm_matches_reference(shape, axis, train, fast):
 def test_batch_renorm_matches_reference(shape, axis, r_max, d_max):
     x, scale, bias, mean, var, g = _data(shape, axis, seed=1, offset=1.0)
     got = _run(
-        jaxrenorm.batch_renorm, x, scale, bias, mean, var, g,
-        use_running_average=False, axis=axis, r_max=r_max, d_max=d_max,
-    )  # fmt: skip
+        jaxrenorm.batch_renorm,
+        x,
+        scale,
+        bias,
+        mean,
+        var,
+        g,
+        use_running_average=False,
+        axis=axis,
+        r_max=r_max,
+        d_max=d_max,
+    )
     ref = reference.normalize(
         x, scale, bias, mean, var, g, axis=axis, train=True, r_max=r_max, d_max=d_max
     )
@@ -98,9 +116,17 @@ def test_renorm_with_identity_bounds_equals_batch_norm():
     x, scale, bias, mean, var, g = _data((8, 4, 4, 6), -1, seed=2)
     bn = _run(jaxrenorm.batch_norm, x, scale, bias, mean, var, g, use_running_average=False)
     brn = _run(
-        jaxrenorm.batch_renorm, x, scale, bias, mean, var, g,
-        use_running_average=False, r_max=1.0, d_max=0.0,
-    )  # fmt: skip
+        jaxrenorm.batch_renorm,
+        x,
+        scale,
+        bias,
+        mean,
+        var,
+        g,
+        use_running_average=False,
+        r_max=1.0,
+        d_max=0.0,
+    )
     for a, b in zip(jax.tree.leaves(bn), jax.tree.leaves(brn), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
@@ -246,9 +272,18 @@ def test_masked_non_finite_values_do_not_leak(fast):
     ]:
         ref = reference.normalize(x, scale, bias, mean, var, g, mask=mask, **kw)
         y, new, dx, dscale, dbias = _run(
-            fn, x_bad, scale, bias, mean, var, g,
-            use_running_average=False, mask=mask, use_fast_variance=fast, **kw,
-        )  # fmt: skip
+            fn,
+            x_bad,
+            scale,
+            bias,
+            mean,
+            var,
+            g,
+            use_running_average=False,
+            mask=mask,
+            use_fast_variance=fast,
+            **kw,
+        )
         valid = mask[:, 0]
         np.testing.assert_allclose(np.asarray(y)[valid], ref.y[valid], rtol=2e-5, atol=2e-5)
         np.testing.assert_allclose(new["mean"], ref.new_mean, rtol=2e-5)

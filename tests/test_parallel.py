@@ -1,0 +1,375 @@
+"""Cross-device statistics: pmap, shard_map, sharded jit and vmap with an axis name.
+
+Every way of running data-parallel must give what the float64 reference gives on
+the whole batch on one device: outputs, new running statistics and the gradients
+of the same loss (sum(g * y) over the whole batch).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxrenorm
+from tests import reference
+
+D = 8  # devices (tests/conftest.py)
+B = 4  # examples per device
+SHAPE = (D * B, 2, 3)  # (batch, length, features)
+KINDS = {
+    "bn": (jaxrenorm.batch_norm, {}),
+    "brn": (jaxrenorm.batch_renorm, {"r_max": 1.5, "d_max": 0.5}),
+}
+
+
+def _problem(seed=0, mask_kind=None):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=SHAPE) * 2 + 3
+    x += np.repeat(rng.normal(size=(D, 1, 1, 1)) * 2, B, axis=0).reshape(D * B, 1, 1)
+    params = {"scale": rng.uniform(0.5, 1.5, 3), "bias": rng.normal(size=3)}
+    stats = {"mean": rng.normal(size=3) + 3, "var": rng.uniform(0.5, 3.0, 3)}
+    g = rng.normal(size=SHAPE)
+    mask = None
+    if mask_kind == "unequal":  # 4, 3, 2, 1, 4, 3, 2, 1 valid rows per device
+        mask = np.zeros((D * B, 1, 1), bool)
+        for d in range(D):
+            mask[d * B : d * B + (B - d % 4)] = True
+    elif mask_kind == "one_device_empty":
+        mask = np.ones((D * B, 1, 1), bool)
+        mask[2 * B : 3 * B] = False
+        x[2 * B : 3 * B] = np.nan  # masked NaN must not leak anywhere
+    if mask is not None:
+        g = g * mask  # the loss ignores masked positions
+    return x, params, stats, g, mask
+
+
+def _reference(kind, x, params, stats, g, mask, momentum=0.99):
+    kw = KINDS[kind][1]
+    x_ref = np.where(mask, x, 0.0) if mask is not None else x  # masked values unused
+    return reference.normalize(
+        x_ref,
+        params["scale"],
+        params["bias"],
+        stats["mean"],
+        stats["var"],
+        g,
+        mask=mask,
+        momentum=momentum,
+        **kw,
+    )
+
+
+def _f32(tree):
+    return jax.tree.map(lambda a: None if a is None else jnp.asarray(a, jnp.float32), tree)
+
+
+def _check(y, new, grads, ref, mask):
+    valid = np.ones(SHAPE, bool) if mask is None else np.broadcast_to(mask, SHAPE)
+    y = np.asarray(y).reshape(SHAPE)
+    dx = np.asarray(grads[0]).reshape(SHAPE)
+    np.testing.assert_allclose(y[valid], ref.y[valid], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(new["mean"], ref.new_mean, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(new["var"], ref.new_var, rtol=2e-5)
+    np.testing.assert_allclose(dx[valid], ref.dx[valid], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(grads[1]["scale"], ref.dscale, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(grads[1]["bias"], ref.dbias, rtol=1e-4, atol=1e-4)
+    for leaf in jax.tree.leaves((y, new, grads)):
+        assert np.all(np.isfinite(leaf))
+
+
+def _global_loss(run, x, params, g):
+    """sum(g * y) over the whole batch, differentiated w.r.t. x and params."""
+
+    def loss(x, params):
+        y, new = run(x, params)
+        return jnp.sum(y.reshape(SHAPE) * g), (y, new)
+
+    (_, (y, new)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, params)
+    return y, new, grads
+
+
+MASKS = [None, "unequal", "one_device_empty"]
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_pmap(kind, mask_kind):
+    x, params, stats, g, mask = _problem(1, mask_kind)
+    fn, kw = KINDS[kind]
+    xs = jnp.asarray(x, jnp.float32).reshape(D, B, *SHAPE[1:])
+    ms = None if mask is None else mask.reshape(D, B, 1, 1)
+
+    def run(xs, params):
+        f = lambda x, m: fn(  # noqa: E731
+            x, params, _f32(stats), use_running_average=False, axis_name="d", mask=m, **kw
+        )
+        y, new = jax.pmap(f, axis_name="d", in_axes=(0, None if ms is None else 0))(xs, ms)
+        return y, jax.tree.map(lambda s: s[0], new)
+
+    y, new, grads = _global_loss(run, xs, _f32(params), jnp.asarray(g, jnp.float32))
+    _check(y, new, grads, _reference(kind, x, params, stats, g, mask), mask)
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_shard_map(kind, mask_kind):
+    x, params, stats, g, mask = _problem(2, mask_kind)
+    fn, kw = KINDS[kind]
+    mesh = Mesh(np.array(jax.devices()[:D]), ("data",))
+    m = jnp.ones((D * B, 1, 1), bool) if mask is None else jnp.asarray(mask)
+
+    @functools.partial(
+        jax.shard_map, mesh=mesh, in_specs=(P("data"), P(), P("data")), out_specs=(P("data"), P())
+    )
+    def sharded(x, params, m):
+        return fn(x, params, _f32(stats), use_running_average=False, axis_name="data", mask=m, **kw)
+
+    run = jax.jit(lambda x, params: sharded(x, params, m))
+    y, new, grads = _global_loss(run, jnp.asarray(x, jnp.float32), _f32(params), g)
+    _check(y, new, grads, _reference(kind, x, params, stats, g, mask), mask)
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_sharded_jit_needs_no_axis_name(kind, mask_kind):
+    x, params, stats, g, mask = _problem(3, mask_kind)
+    fn, kw = KINDS[kind]
+    mesh = Mesh(np.array(jax.devices()[:D]), ("data",))
+    shard = NamedSharding(mesh, P("data"))
+    xs = jax.device_put(jnp.asarray(x, jnp.float32), shard)
+    ms = None if mask is None else jax.device_put(jnp.asarray(mask), shard)
+    assert len(xs.sharding.device_set) == D
+
+    @jax.jit
+    def run(x, params):
+        return fn(x, params, _f32(stats), use_running_average=False, mask=ms, **kw)
+
+    y, new, grads = _global_loss(run, xs, _f32(params), g)
+    _check(y, new, grads, _reference(kind, x, params, stats, g, mask), mask)
+
+
+@pytest.mark.parametrize("mask_kind", MASKS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_vmap_with_axis_name_shares_statistics(kind, mask_kind):
+    """An ensemble axis with an axis name: members share one set of batch statistics."""
+    x, params, stats, g, mask = _problem(4, mask_kind)
+    fn, kw = KINDS[kind]
+    xs = jnp.asarray(x, jnp.float32).reshape(D, B, *SHAPE[1:])
+    ms = jnp.ones((D, B, 1, 1), bool) if mask is None else jnp.asarray(mask.reshape(D, B, 1, 1))
+
+    def run(xs, params):
+        f = lambda x, m: fn(  # noqa: E731
+            x, params, _f32(stats), use_running_average=False, axis_name="e", mask=m, **kw
+        )
+        y, new = jax.vmap(f, axis_name="e")(xs, ms)
+        return y, jax.tree.map(lambda s: s[0], new)
+
+    y, new, grads = _global_loss(run, xs, _f32(params), jnp.asarray(g, jnp.float32))
+    _check(y, new, grads, _reference(kind, x, params, stats, g, mask), mask)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_pmap_axis_index_groups(kind):
+    """Two groups of four devices are normalized independently, each as its own batch."""
+    x, params, stats, g, _ = _problem(5)
+    fn, kw = KINDS[kind]
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    xs = jnp.asarray(x, jnp.float32).reshape(D, B, *SHAPE[1:])
+
+    def run(xs, params):
+        f = lambda x: fn(  # noqa: E731
+            x,
+            params,
+            _f32(stats),
+            use_running_average=False,
+            axis_name="d",
+            axis_index_groups=groups,
+            **kw,
+        )
+        return jax.pmap(f, axis_name="d")(xs)
+
+    def loss(xs, params):
+        y, new = run(xs, params)
+        return jnp.sum(y * jnp.asarray(g, jnp.float32).reshape(xs.shape)), (y, new)
+
+    (_, (y, new)), (dx, _dp) = jax.value_and_grad(loss, (0, 1), has_aux=True)(xs, _f32(params))
+    half = D * B // 2
+    for i, group in enumerate(groups):
+        sl = slice(i * half, (i + 1) * half)
+        ref = reference.normalize(
+            x[sl], params["scale"], params["bias"], stats["mean"], stats["var"], g[sl], **kw
+        )
+        np.testing.assert_allclose(
+            y[group[0] : group[-1] + 1].reshape(ref.y.shape), ref.y, rtol=2e-5, atol=2e-5
+        )
+        np.testing.assert_allclose(new["var"][group[0]], ref.new_var, rtol=2e-5)
+        np.testing.assert_allclose(
+            dx[group[0] : group[-1] + 1].reshape(ref.dx.shape), ref.dx, rtol=1e-4, atol=1e-4
+        )
+
+
+def test_axis_name_tuple():
+    """A tuple of axis names reduces over all of them (nested pmap and vmap)."""
+    x, params, stats, g, _ = _problem(6)
+    xs = jnp.asarray(x, jnp.float32).reshape(2, 4, B, *SHAPE[1:])
+
+    def f(x):
+        return jaxrenorm.batch_renorm(
+            x,
+            _f32(params),
+            _f32(stats),
+            use_running_average=False,
+            axis_name=("outer", "inner"),
+            r_max=1.5,
+            d_max=0.5,
+        )
+
+    y, new = jax.pmap(jax.vmap(f, axis_name="inner"), axis_name="outer")(xs)
+    ref = _reference("brn", x, params, stats, g, None)
+    np.testing.assert_allclose(np.asarray(y).reshape(SHAPE), ref.y, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(new["var"][1, 2], ref.new_var, rtol=2e-5)
+
+
+# --- collectives ------------------------------------------------------------------
+
+
+class TwoLayers(nn.Module):
+    norm: type
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        x = self.norm(axis_name="d", use_running_average=False)(x, mask=mask)
+        x = nn.Dense(3)(nn.relu(x))
+        return self.norm(axis_name="d", use_running_average=False)(x, mask=mask)
+
+
+def _count_all_reduces(compiled_text: str) -> int:
+    return sum(
+        1
+        for line in compiled_text.splitlines()
+        if " all-reduce(" in line or " all-reduce-start(" in line
+    )
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize(
+    "norm",
+    [
+        jaxrenorm.linen.BatchNorm,
+        functools.partial(jaxrenorm.linen.BatchRenorm, r_max=2.0, d_max=1.0),
+        jaxrenorm.linen.BatchRenorm,  # with schedules and a steps counter
+    ],
+    ids=["bn", "brn", "brn_scheduled"],
+)
+def test_one_all_reduce_per_layer_forward_and_at_most_two_with_backward(norm, masked):
+    model = TwoLayers(norm)
+    x = jnp.ones((D, B, 2, 3))
+    mask = jnp.ones((D, B, 2, 1), bool) if masked else None
+    variables = model.init(jax.random.key(0), x[0])
+
+    def forward(x, m, variables):
+        return model.apply(variables, x, mask=m, mutable=["batch_stats"])
+
+    def train(x, m, variables):
+        def loss(params):
+            y, upd = model.apply(
+                {**variables, "params": params}, x, mask=m, mutable=["batch_stats"]
+            )
+            return jnp.sum(y**2), upd
+
+        return jax.grad(loss, has_aux=True)(variables["params"])
+
+    in_axes = (0, None if mask is None else 0, None)
+    fwd = jax.pmap(forward, axis_name="d", in_axes=in_axes).lower(x, mask, variables).compile()
+    both = jax.pmap(train, axis_name="d", in_axes=in_axes).lower(x, mask, variables).compile()
+    assert _count_all_reduces(fwd.as_text()) == 2  # one per layer
+    # The backward adds one per layer (both per-feature gradient sums together); the
+    # gradient of the Dense parameters is not synchronized here (no pmean in `train`).
+    assert _count_all_reduces(both.as_text()) <= 4
+
+
+def test_exact_two_pass_uses_two_all_reduces_per_layer():
+    x = jnp.ones((D, B, 3))
+    f = jax.pmap(
+        lambda x: jaxrenorm.batch_norm(
+            x,
+            {},
+            jaxrenorm.init_batch_stats(3),
+            use_running_average=False,
+            axis_name="d",
+            use_fast_variance=False,
+        ),
+        axis_name="d",
+    )
+    assert _count_all_reduces(f.lower(x).compile().as_text()) == 2
+
+
+# --- numerics across devices ---------------------------------------------------------
+
+
+def test_offset_data_across_devices():
+    """x = 1e4 + N(0, 1) over 8 devices.
+
+    The one-pass variance shifts by the running mean (the one value every device
+    shares without communicating), so it is accurate once the running mean is near
+    the batch mean: here from the second call, with momentum 0. The exact two-pass
+    variance is accurate from the first call.
+    """
+    x = 1e4 + jax.random.normal(jax.random.key(7), (D, 64, 4))
+    true_var = np.asarray(x, np.float64).reshape(-1, 4).var(0)
+
+    def step(fast):
+        return jax.pmap(
+            lambda x, s: jaxrenorm.batch_norm(
+                x,
+                {},
+                s,
+                use_running_average=False,
+                axis_name="d",
+                momentum=0.0,
+                use_fast_variance=fast,
+            ),
+            axis_name="d",
+            in_axes=(0, None),
+        )
+
+    def rel_err(stats):
+        return np.max(np.abs(np.asarray(stats["var"][0], np.float64) / true_var - 1))
+
+    stats = jaxrenorm.init_batch_stats(4)
+    y, exact = step(False)(x, stats)
+    assert rel_err(exact) <= 1e-3
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 4).std(0), 1.0, rtol=1e-2)
+
+    _, first = step(True)(x, stats)  # shift 0: E[x^2] - E[x]^2, inaccurate
+    assert rel_err(first) > 1e-3
+    y, second = step(True)(x, jax.tree.map(lambda s: s[0], first))
+    assert rel_err(second) <= 1e-3
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, 4).std(0), 1.0, rtol=1e-2)
+
+
+def test_linen_module_under_pmap_matches_whole_batch():
+    x, params, stats, g, mask = _problem(8, "unequal")
+    xs = jnp.asarray(x, jnp.float32).reshape(D, B, *SHAPE[1:])
+    ms = jnp.asarray(mask.reshape(D, B, 1, 1))
+    variables = {"params": _f32(params), "batch_stats": _f32(stats)}
+    brn = jaxrenorm.linen.BatchRenorm(r_max=1.5, d_max=0.5, axis_name="batch")
+    y, upd = jax.pmap(
+        lambda x, m: brn.apply(
+            variables, x, use_running_average=False, mask=m, mutable=["batch_stats"]
+        ),
+        axis_name="batch",
+    )(xs, ms)
+    ref = _reference("brn", x, params, stats, g, mask)
+    valid = np.broadcast_to(mask, SHAPE)
+    np.testing.assert_allclose(
+        np.asarray(y).reshape(SHAPE)[valid], ref.y[valid], rtol=2e-5, atol=2e-5
+    )
+    np.testing.assert_allclose(upd["batch_stats"]["mean"][5], ref.new_mean, rtol=2e-5)
