@@ -31,12 +31,14 @@ class CNN(nn.Module):
     """Two conv blocks and a classifier, each conv followed by BatchRenorm."""
 
     total_steps: int
+    axis_name: str | None = None  # set under pmap / shard_map for cross-device statistics
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         n = self.total_steps
         norm = lambda: jaxrenorm.linen.BatchRenorm(  # noqa: E731
             use_running_average=not train,
+            axis_name=self.axis_name,
             r_max=jaxrenorm.schedules.r_max_schedule(3.0, begin=n // 8, end=n),
             d_max=jaxrenorm.schedules.d_max_schedule(5.0, begin=n // 8, end=5 * n // 8),
         )
@@ -48,6 +50,17 @@ class CNN(nn.Module):
         return nn.Dense(10)(x)
 
 
+def load_data(seed: int = 0) -> tuple[np.ndarray, ...]:
+    """Digits as (N, 8, 8, 1) float32 in [0, 1]: x_train, x_test, y_train, y_test (75/25)."""
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)[..., None]
+    return tuple(
+        train_test_split(
+            images, digits.target, test_size=0.25, random_state=seed, stratify=digits.target
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=15)
@@ -55,11 +68,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    digits = load_digits()
-    images = (digits.images / 16.0).astype(np.float32)[..., None]  # (1797, 8, 8, 1)
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, digits.target, test_size=0.25, random_state=args.seed, stratify=digits.target
-    )
+    x_train, x_test, y_train, y_test = load_data(args.seed)
     steps_per_epoch = len(x_train) // args.batch_size
     total_steps = args.epochs * steps_per_epoch
 

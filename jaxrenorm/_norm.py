@@ -108,7 +108,12 @@ def batch_norm(
       axis: the feature axis or axes; statistics are over all the others.
       momentum: decay of the running statistics, in [0, 1].
       epsilon: added to the variance, >= 0.
-      axis_name: named axis (pmap, shard_map) to compute statistics across devices.
+      axis_name: named axis or tuple of them (pmap, shard_map, vmap) to compute
+        the statistics of the global batch, with one all-reduce (and one more in
+        the backward pass). Not needed under jit with a sharded batch. The
+        one-pass variance then shifts by the running mean, common to all
+        devices: exact when the running mean is within ~100 standard deviations
+        of the batch mean; otherwise use `use_fast_variance=False`.
       axis_index_groups: device groups along `axis_name` normalized separately.
       mask: boolean, broadcastable to `x`: statistics use True positions only.
         False positions may hold NaN or Inf: they reach neither the statistics
