@@ -9,23 +9,11 @@ BatchRenorm training step (shard_map with an axis name over all 8 devices).
 Process 0 writes the new statistics and its half of the output to OUT.
 """
 
+import functools
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-
-import jax
-
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-
-import functools  # noqa: E402
-
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
-
-import jaxrenorm  # noqa: E402
+import numpy as np
 
 GLOBAL_SHAPE = (32, 5, 3)
 
@@ -47,6 +35,17 @@ def problem():
 
 
 def main(port: str, process_id: str, out: str) -> None:
+    # Set up the process before jax initializes; importing this module (the test
+    # does, for `problem`) must not touch the test process's jax.
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import jaxrenorm
+
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=f"127.0.0.1:{port}",
         num_processes=2,
