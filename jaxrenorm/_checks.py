@@ -162,3 +162,19 @@ def check_scalar(value: Any, name: str, low: float, high: float | None = None) -
     if not (v >= low and (high is None or v <= high)):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
         raise ValueError(f"`{name}` must be {bound}, got {v}.")
+
+
+def check_virtual_batch(v: Any, x_shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> None:
+    """Virtual batches split axis 0 into groups of `v` examples."""
+    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
+        raise ValueError(f"`virtual_batch_size` must be a positive int, got {v!r}.")
+    if 0 in feature_axes:
+        raise ValueError(
+            "`virtual_batch_size` groups examples along axis 0, which `axis` makes a "
+            f"feature axis (input shape {x_shape})."
+        )
+    if x_shape[0] % v:
+        raise ValueError(
+            f"`virtual_batch_size`={v} does not divide the batch size {x_shape[0]} "
+            f"(axis 0 of the input, shape {x_shape})."
+        )

@@ -14,7 +14,7 @@ round away the low bits (see `_stats`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,7 @@ from jaxrenorm._checks import (
     check_mask,
     check_params,
     check_scalar,
+    check_virtual_batch,
 )
 from jaxrenorm._stats import Moments, compute_moments, stats_dtype
 
@@ -77,6 +78,7 @@ def batch_norm(
     mask: jax.Array | None = None,
     use_fast_variance: bool = True,
     dtype: jnp.dtype | None = None,
+    virtual_batch_size: int | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     r"""Batch Normalization (Ioffe & Szegedy 2015), per feature.
 
@@ -124,6 +126,12 @@ def batch_norm(
         the exact two-pass one (a second collective with `axis_name`).
       dtype: output dtype (default: the input's). Statistics are always computed
         in at least float32.
+      virtual_batch_size: if set, statistics are computed over consecutive
+        groups ("virtual" or "ghost" batches) of this many examples along axis
+        0, which must divide the batch and must not be a feature axis; the
+        running statistics move towards the mean over groups of the group means
+        and of the group variances. Groups are local to each device (no
+        collective). No effect with `use_running_average=True`.
 
     Returns:
       `(y, new_batch_stats)`; `new_batch_stats` has the same keys as `batch_stats`.
@@ -150,8 +158,9 @@ def batch_norm(
         mask=mask,
         use_fast_variance=use_fast_variance,
         dtype=dtype,
-        clip=None,
-    )
+        virtual_batch_size=virtual_batch_size,
+        renorm=None,
+    )[:2]
 
 
 def batch_renorm(
@@ -168,8 +177,10 @@ def batch_renorm(
     mask: jax.Array | None = None,
     use_fast_variance: bool = True,
     dtype: jnp.dtype | None = None,
+    virtual_batch_size: int | None = None,
     r_max: float | jax.Array = 3.0,
     d_max: float | jax.Array = 5.0,
+    grad_through_batch_moments: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     r"""Batch Renormalization (Ioffe 2017, arXiv 1702.03275, Algorithm 1), per feature.
 
@@ -197,11 +208,20 @@ def batch_renorm(
 
     Args:
       x, params, batch_stats, use_running_average, axis, momentum, epsilon,
-      axis_name, axis_index_groups, mask, use_fast_variance, dtype: as in
-        `batch_norm`.
+      axis_name, axis_index_groups, mask, use_fast_variance, dtype,
+      virtual_batch_size: as in `batch_norm`; with virtual batches r and d are
+        computed per group.
       r_max: bound on r, >= 1 (a Python float or a traced scalar, e.g. a schedule
         evaluated under jit; see `jaxrenorm.schedules`).
       d_max: bound on |d|, >= 0 (float or traced scalar).
+      grad_through_batch_moments: True (the paper) differentiates through mu_B
+        and sigma_B. False treats them as constants in the backward pass (the
+        forward pass is unchanged): the gradient is then that of the affine map
+        y = scale * r / s_B * x + ..., which no longer projects out the
+        directions that move a whole statistics group together. Use it when the
+        groups that provide the statistics are not representative (e.g. each
+        holds one class); keep a BatchNorm warm-up, since nothing then stops
+        the layer's input from drifting in scale or offset.
 
     Returns:
       `(y, new_batch_stats)`, as `batch_norm`.
@@ -215,8 +235,6 @@ def batch_renorm(
       >>> y.shape
       (4, 3)
     """
-    check_scalar(r_max, "r_max", 1.0)
-    check_scalar(d_max, "d_max", 0.0)
     return _normalize(
         x,
         params,
@@ -230,8 +248,26 @@ def batch_renorm(
         mask=mask,
         use_fast_variance=use_fast_variance,
         dtype=dtype,
-        clip=(r_max, d_max),
-    )
+        virtual_batch_size=virtual_batch_size,
+        renorm=Renorm(r_max, d_max, grad_through_batch_moments),
+    )[:2]
+
+
+class Renorm(NamedTuple):
+    """Batch Renormalization's settings; `_normalize` does plain BatchNorm without them."""
+
+    r_max: Any
+    d_max: Any
+    grad_through_batch_moments: bool = True
+
+
+class RenormTerms(NamedTuple):
+    """The correction of one training call, per (group and) feature, for diagnostics."""
+
+    r: jax.Array  # clipped, as used
+    d: jax.Array
+    r_unclipped: jax.Array
+    d_unclipped: jax.Array
 
 
 def _normalize(
@@ -248,9 +284,14 @@ def _normalize(
     mask: jax.Array | None,
     use_fast_variance: bool,
     dtype: jnp.dtype | None,
-    clip: tuple[Any, Any] | None,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The shared body of `batch_norm` (clip=None) and `batch_renorm`."""
+    virtual_batch_size: int | None,
+    renorm: Renorm | None,
+) -> tuple[jax.Array, dict[str, jax.Array], RenormTerms | None]:
+    """The shared body of `batch_norm` (renorm=None) and `batch_renorm`.
+
+    Returns the output, the new batch statistics and, for a renorm training call,
+    the r and d terms (for diagnostics).
+    """
     x = check_input(x)
     feature_axes, reduction_axes = check_layout(x.shape, axis)
     feature_shape = tuple(x.shape[a] for a in feature_axes)
@@ -262,36 +303,52 @@ def _normalize(
         mask = check_mask(mask, x.shape)
     if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(f"`dtype` must be a floating-point dtype, got {dtype}.")
-    if clip is not None and jnp.iscomplexobj(x):
-        raise TypeError(
-            "batch_renorm does not support complex inputs (r and d are clipped as real "
-            f"numbers), got dtype {x.dtype}; use batch_norm."
-        )
+    if renorm is not None:
+        check_scalar(renorm.r_max, "r_max", 1.0)
+        check_scalar(renorm.d_max, "d_max", 0.0)
+        if jnp.iscomplexobj(x):
+            raise TypeError(
+                "batch_renorm does not support complex inputs (r and d are clipped as real "
+                f"numbers), got dtype {x.dtype}; use batch_norm."
+            )
     out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
-
     cdtype = stats_dtype(x.dtype)
     rdtype = jnp.finfo(cdtype).dtype  # the real dtype of variances
-    reduced_shape = tuple(1 if i in reduction_axes else s for i, s in enumerate(x.shape))
-
-    def per_feature(v: jax.Array | None, dt: jnp.dtype) -> jax.Array | None:
-        # Feature axes are sorted, so a reshape puts each value on its axis.
-        return (
-            None
-            if v is None
-            else jnp.reshape(v, reduced_shape).astype(jnp.promote_types(dt, v.dtype))
-        )
-
-    mean_k = per_feature(run_mean, cdtype)
-    var_k = per_feature(run_var, rdtype)
-    scale_k = per_feature(scale, rdtype)
-    bias_k = per_feature(bias, cdtype)
     xc = x.astype(cdtype)
 
     if use_running_average:
+        mean_k, var_k, scale_k, bias_k = _per_feature(
+            x.shape,
+            reduction_axes,
+            (run_mean, cdtype),
+            (run_var, rdtype),
+            (scale, rdtype),
+            (bias, cdtype),
+        )
         a = lax.rsqrt(var_k + epsilon)
         a = a if scale_k is None else a * scale_k
         y = _plus((xc - mean_k) * a, bias_k)
-        return y.astype(out_dtype), dict(batch_stats)
+        return y.astype(out_dtype), dict(batch_stats), None
+
+    # Inference ignores virtual batches, so an eval batch of any size is fine.
+    if virtual_batch_size is not None:
+        check_virtual_batch(virtual_batch_size, x.shape, feature_axes)
+    grouped = virtual_batch_size is not None and virtual_batch_size != x.shape[0]
+    if grouped:
+        # (N, ...) -> (N / v, v, ...): axis 0 indexes groups, which keep their own
+        # statistics, and every other axis shifts by one.
+        xc = xc.reshape(x.shape[0] // virtual_batch_size, virtual_batch_size, *x.shape[1:])
+        reduction_axes = (1, *(a + 1 for a in reduction_axes if a != 0))
+        mask = None if mask is None else _group_mask(mask, x.shape, virtual_batch_size)
+        axis_name = None  # groups are local to each device
+    mean_k, var_k, scale_k, bias_k = _per_feature(
+        xc.shape,
+        (0, *reduction_axes) if grouped else reduction_axes,
+        (run_mean, cdtype),
+        (run_var, rdtype),
+        (scale, rdtype),
+        (bias, cdtype),
+    )
 
     # Across devices the shift must be the same everywhere: the running mean is.
     shift = lax.stop_gradient(mean_k) if axis_name is not None else None
@@ -304,15 +361,23 @@ def _normalize(
         use_fast_variance=use_fast_variance,
         shift=shift,
     )
+    if renorm is not None and not renorm.grad_through_batch_moments:
+        m = m._replace(offset=lax.stop_gradient(m.offset), var=lax.stop_gradient(m.var))
     inv_std = lax.rsqrt(m.var + epsilon)
-    if clip is None:
+    terms = None
+    if renorm is None:
         a, b = inv_std, None
     else:
-        r_max, d_max = clip
         inv_run_std = lax.rsqrt(var_k + epsilon)
-        r = jnp.clip(jnp.sqrt(m.var + epsilon) * inv_run_std, 1.0 / r_max, r_max)
-        d = jnp.clip(((m.shift - mean_k) + m.offset) * inv_run_std, -d_max, d_max)
-        a, b = inv_std * lax.stop_gradient(r), lax.stop_gradient(d)
+        r_raw = lax.stop_gradient(jnp.sqrt(m.var + epsilon) * inv_run_std)
+        d_raw = lax.stop_gradient(((m.shift - mean_k) + m.offset) * inv_run_std)
+        terms = RenormTerms(
+            r=jnp.clip(r_raw, 1.0 / renorm.r_max, renorm.r_max),
+            d=jnp.clip(d_raw, -renorm.d_max, renorm.d_max),
+            r_unclipped=r_raw,
+            d_unclipped=d_raw,
+        )
+        a, b = inv_std * terms.r, terms.d
     if scale_k is not None:
         a = a * scale_k
         b = None if b is None else b * scale_k
@@ -322,8 +387,32 @@ def _normalize(
         # A masked position that is not finite would put 0 * NaN into the gradient
         # of a and b even when the loss ignores it; normalize the shift there instead.
         xc = jnp.where(mask | jnp.isfinite(xc), xc, m.shift)
-    y = _plus(((xc - m.shift) - m.offset) * a, b)
-    return y.astype(out_dtype), _update_running(batch_stats, run_mean, run_var, m, momentum)
+    y = _plus(((xc - m.shift) - m.offset) * a, b).reshape(x.shape)
+    new_stats = _update_running(batch_stats, run_mean, run_var, m, momentum, grouped)
+    return y.astype(out_dtype), new_stats, terms
+
+
+def _per_feature(
+    shape: tuple[int, ...], reduced_axes: tuple[int, ...], *values: tuple[Any, jnp.dtype]
+) -> list[jax.Array | None]:
+    """Reshapes feature-shaped values to broadcast against `shape` (size 1 on `reduced_axes`).
+
+    Feature axes are sorted, so a reshape puts each value on its axis; each value
+    is promoted to at least the given dtype.
+    """
+    target = tuple(1 if i in reduced_axes else s for i, s in enumerate(shape))
+    return [
+        None if v is None else jnp.reshape(v, target).astype(jnp.promote_types(dt, v.dtype))
+        for v, dt in values
+    ]
+
+
+def _group_mask(mask: jax.Array, x_shape: tuple[int, ...], v: int) -> jax.Array:
+    """A mask broadcastable to x, reshaped like x into (N / v, v, ...)."""
+    mask = mask.reshape((1,) * (len(x_shape) - mask.ndim) + mask.shape)
+    if mask.shape[0] == 1:
+        return mask.reshape(1, 1, *mask.shape[1:])
+    return mask.reshape(x_shape[0] // v, v, *mask.shape[1:])
 
 
 def _plus(u: jax.Array | None, v: jax.Array | None) -> jax.Array | None:
@@ -337,12 +426,24 @@ def _update_running(
     run_var: jax.Array,
     m: Moments,
     momentum: float,
+    grouped: bool,
 ) -> dict[str, jax.Array]:
-    """Exponential moving averages of the batch moments, skipping non-finite features."""
+    """Exponential moving averages of the batch moments, skipping non-finite features.
+
+    With virtual batches (`grouped`, groups on axis 0), the batch estimate is the
+    mean over groups with a valid element of the group means and group variances.
+    """
     shape = run_mean.shape
-    batch_mean = lax.stop_gradient(m.mean).reshape(shape)
-    batch_var = lax.stop_gradient(m.var).reshape(shape)
-    ok = jnp.isfinite(batch_mean) & jnp.isfinite(batch_var) & (m.count.reshape(shape) > 0)
+    mean, var = lax.stop_gradient(m.mean), lax.stop_gradient(m.var)
+    has_data = m.count > 0
+    if grouped:
+        weight = has_data.astype(var.dtype)
+        groups = jnp.maximum(weight.sum(0), 1)
+        mean = (jnp.where(has_data, mean, 0) * weight).sum(0) / groups
+        var = (jnp.where(has_data, var, 0) * weight).sum(0) / groups
+        has_data = has_data.any(0)
+    batch_mean, batch_var = mean.reshape(shape), var.reshape(shape)
+    ok = jnp.isfinite(batch_mean) & jnp.isfinite(batch_var) & has_data.reshape(shape)
     new_mean = momentum * run_mean + (1 - momentum) * batch_mean
     new_var = momentum * run_var + (1 - momentum) * batch_var
     # Keep the stored dtype (float32), unless that would drop a complex mean's

@@ -46,6 +46,9 @@ class Result:
     dbias: np.ndarray
     r: np.ndarray | None = None
     d: np.ndarray | None = None
+    batch_mean: np.ndarray | None = None  # feature shape (per group with virtual batches)
+    batch_var: np.ndarray | None = None
+    count: np.ndarray | None = None
 
 
 def normalize(
@@ -63,12 +66,27 @@ def normalize(
     mask=None,
     r_max=None,
     d_max=None,
+    grad_through_batch_moments=True,
+    virtual_batch_size=None,
 ):
     """BatchNorm (r_max=None) or Batch Renormalization; returns outputs and gradients.
 
     `scale`, `bias`, `mean`, `var` are feature-shaped; `g` is the upstream gradient
-    (same shape as x); the gradients returned are those of sum(g * y).
+    (same shape as x); the gradients returned are those of sum(g * y). With
+    `virtual_batch_size`, each consecutive group of that many examples along axis 0
+    is normalized as its own batch, and the running statistics move towards the
+    mean over (non-empty) groups of the group means and variances.
     """
+    kw = dict(
+        axis=axis,
+        momentum=momentum,
+        eps=eps,
+        r_max=r_max,
+        d_max=d_max,
+        grad_through_batch_moments=grad_through_batch_moments,
+    )
+    if train and virtual_batch_size is not None:
+        return _virtual(x, scale, bias, mean, var, g, mask, virtual_batch_size, kw)
     x = np.asarray(x, np.float64)
     g = np.asarray(g, np.float64)
     fa, ra = split_axes(x.ndim, axis)
@@ -106,11 +124,14 @@ def normalize(
     m = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask, bool), x.shape)
     n = np.maximum(count, 1)
     gh = g * gamma * r  # dL/dxhat
-    dx = (
-        gh
-        - m * gh.sum(axis=ra, keepdims=True) / n
-        - m * xhat * (gh * xhat).sum(axis=ra, keepdims=True) / n
-    ) / s_b
+    if grad_through_batch_moments:
+        dx = (
+            gh
+            - m * gh.sum(axis=ra, keepdims=True) / n
+            - m * xhat * (gh * xhat).sum(axis=ra, keepdims=True) / n
+        ) / s_b
+    else:  # mu_B and s_B are constants: y is an affine map of x
+        dx = gh / s_b
 
     # A feature with no valid element keeps its running statistics.
     new_mean = np.where(count > 0, momentum * mu_run + (1 - momentum) * mu_b, mu_run)
@@ -124,4 +145,43 @@ def normalize(
         dbias=g.sum(axis=ra).reshape(fshape),
         r=r.reshape(fshape),
         d=d.reshape(fshape),
+        batch_mean=mu_b.reshape(fshape),
+        batch_var=var_b.reshape(fshape),
+        count=count.reshape(fshape),
+    )
+
+
+def _virtual(x, scale, bias, mean, var, g, mask, v, kw):
+    """Each group of v examples as its own batch; running stats from the group means."""
+    x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    mask_full = None if mask is None else np.broadcast_to(np.asarray(mask, bool), x.shape)
+    parts = [
+        normalize(
+            x[i : i + v],
+            scale,
+            bias,
+            mean,
+            var,
+            g[i : i + v],
+            train=True,
+            mask=None if mask_full is None else mask_full[i : i + v],
+            **kw,
+        )
+        for i in range(0, x.shape[0], v)
+    ]
+    valid = np.stack([p.count > 0 for p in parts])
+    groups = np.maximum(valid.sum(0), 1)
+    mu = np.where(valid, [p.batch_mean for p in parts], 0).sum(0) / groups
+    var_b = np.where(valid, [p.batch_var for p in parts], 0).sum(0) / groups
+    m = kw["momentum"]
+    ok = valid.any(0)
+    return Result(
+        y=np.concatenate([p.y for p in parts]),
+        new_mean=np.where(ok, m * np.asarray(mean) + (1 - m) * mu, mean),
+        new_var=np.where(ok, m * np.asarray(var) + (1 - m) * var_b, var),
+        dx=np.concatenate([p.dx for p in parts]),
+        dscale=sum(p.dscale for p in parts),
+        dbias=sum(p.dbias for p in parts),
+        r=None if parts[0].r is None else np.stack([p.r for p in parts]),
+        d=None if parts[0].d is None else np.stack([p.d for p in parts]),
     )

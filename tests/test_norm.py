@@ -390,3 +390,139 @@ def test_init_batch_stats():
     np.testing.assert_array_equal(stats["mean"], 0.0)
     np.testing.assert_array_equal(stats["var"], 1.0)
     assert jaxrenorm.init_batch_stats(4, jnp.float16)["var"].dtype == jnp.float16
+
+
+# --- virtual batches and grad_through_batch_moments -------------------------------
+
+
+VIRTUAL_CASES = [
+    ((8, 3), -1, 2),
+    ((8, 3), -1, 4),
+    ((8, 3), -1, 8),  # one group: plain BatchNorm
+    ((12, 4, 4, 2), -1, 3),
+    ((8, 3, 2, 2), 1, 4),  # NCHW
+    ((8, 3, 5), (1, 2), 2),
+]
+
+
+@pytest.mark.parametrize(("shape", "axis", "v"), VIRTUAL_CASES)
+@pytest.mark.parametrize("kind", ["bn", "brn"])
+def test_virtual_batches_match_reference(shape, axis, v, kind):
+    x, scale, bias, mean, var, g = _data(shape, axis, seed=11, offset=2.0)
+    kw = {"r_max": 1.4, "d_max": 0.4} if kind == "brn" else {}
+    fn = jaxrenorm.batch_renorm if kind == "brn" else jaxrenorm.batch_norm
+    got = _run(
+        fn,
+        x,
+        scale,
+        bias,
+        mean,
+        var,
+        g,
+        use_running_average=False,
+        axis=axis,
+        virtual_batch_size=v,
+        momentum=0.9,
+        **kw,
+    )
+    ref = reference.normalize(
+        x, scale, bias, mean, var, g, axis=axis, momentum=0.9, virtual_batch_size=v, **kw
+    )
+    _assert_matches(got, ref)
+
+
+@pytest.mark.parametrize("kind", ["bn", "brn"])
+def test_virtual_batches_with_masks_per_group(kind):
+    """Unequal valid counts per group, and one group with no valid row (holding NaN)."""
+    x, scale, bias, mean, var, g = _data((12, 3), -1, seed=12, offset=1.0)
+    mask = np.ones((12, 1), bool)
+    mask[[1, 2, 7]] = False
+    mask[8:12] = False  # the last group of 4 is empty
+    x_bad = x.copy()
+    x_bad[8:12] = np.nan
+    g = g * mask
+    kw = {"r_max": 1.4, "d_max": 0.4} if kind == "brn" else {}
+    fn = jaxrenorm.batch_renorm if kind == "brn" else jaxrenorm.batch_norm
+    y, new, dx, dscale, dbias = _run(
+        fn,
+        x_bad,
+        scale,
+        bias,
+        mean,
+        var,
+        g,
+        use_running_average=False,
+        virtual_batch_size=4,
+        mask=mask,
+        **kw,
+    )
+    ref = reference.normalize(x, scale, bias, mean, var, g, mask=mask, virtual_batch_size=4, **kw)
+    valid = mask[:, 0]
+    np.testing.assert_allclose(np.asarray(y)[valid], ref.y[valid], rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(new["mean"], ref.new_mean, rtol=2e-5)
+    np.testing.assert_allclose(new["var"], ref.new_var, rtol=2e-5)
+    np.testing.assert_allclose(np.asarray(dx)[valid], ref.dx[valid], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dscale, ref.dscale, rtol=1e-4, atol=1e-4)
+    for leaf in (y, dx, dscale, dbias, new["mean"], new["var"]):
+        assert np.all(np.isfinite(leaf))
+
+
+def test_virtual_batches_have_no_effect_at_inference():
+    x, scale, bias, mean, var, g = _data((8, 3), -1, seed=13)
+    a = _run(jaxrenorm.batch_norm, x, scale, bias, mean, var, g, use_running_average=True)
+    b = _run(
+        jaxrenorm.batch_norm,
+        x,
+        scale,
+        bias,
+        mean,
+        var,
+        g,
+        use_running_average=True,
+        virtual_batch_size=3,  # would not even divide
+    )
+    for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(u, w)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "pattern"),
+    [
+        (dict(virtual_batch_size=3), r"`virtual_batch_size`=3 does not divide the batch size 8"),
+        (dict(virtual_batch_size=0), r"`virtual_batch_size` must be a positive int"),
+        (dict(virtual_batch_size=2, axis=0), r"axis 0.*feature axis"),
+    ],
+)
+def test_virtual_batch_errors(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        jaxrenorm.batch_norm(
+            jnp.ones((8, 4)),
+            {},
+            jaxrenorm.init_batch_stats(4 if "axis" not in kwargs else 8),
+            use_running_average=False,
+            **kwargs,
+        )
+
+
+@pytest.mark.parametrize(("shape", "axis", "v"), [((16, 5), -1, None), ((8, 3, 2, 2), 1, 4)])
+def test_renorm_without_gradient_through_batch_moments(shape, axis, v):
+    x, scale, bias, mean, var, g = _data(shape, axis, seed=14, offset=1.0)
+    kw = dict(r_max=1.4, d_max=0.4, axis=axis, virtual_batch_size=v)
+    got = _run(
+        jaxrenorm.batch_renorm,
+        x,
+        scale,
+        bias,
+        mean,
+        var,
+        g,
+        use_running_average=False,
+        grad_through_batch_moments=False,
+        **kw,
+    )
+    ref = reference.normalize(x, scale, bias, mean, var, g, grad_through_batch_moments=False, **kw)
+    _assert_matches(got, ref)
+    # The forward pass is that of the paper's version.
+    paper = reference.normalize(x, scale, bias, mean, var, g, **kw)
+    np.testing.assert_allclose(got[0], paper.y, rtol=2e-5, atol=2e-5)
+    assert not np.allclose(ref.dx, paper.dx, atol=1e-3)

@@ -373,3 +373,39 @@ def test_linen_module_under_pmap_matches_whole_batch():
         np.asarray(y).reshape(SHAPE)[valid], ref.y[valid], rtol=2e-5, atol=2e-5
     )
     np.testing.assert_allclose(upd["batch_stats"]["mean"][5], ref.new_mean, rtol=2e-5)
+
+
+def test_virtual_batches_are_local_to_each_device():
+    """With virtual batches the groups live on one device: no collective at all."""
+    x, params, stats, g, _ = _problem(9)
+    xs = jnp.asarray(x, jnp.float32).reshape(D, B, *SHAPE[1:])
+
+    def f(x):
+        return jaxrenorm.batch_renorm(
+            x,
+            _f32(params),
+            _f32(stats),
+            use_running_average=False,
+            axis_name="d",
+            virtual_batch_size=2,
+            r_max=1.5,
+            d_max=0.5,
+        )
+
+    pf = jax.pmap(f, axis_name="d")
+    y, new = pf(xs)
+    assert _count_all_reduces(pf.lower(xs).compile().as_text()) == 0
+    for d in (0, 5):
+        ref = reference.normalize(
+            x[d * B : (d + 1) * B],
+            params["scale"],
+            params["bias"],
+            stats["mean"],
+            stats["var"],
+            g[d * B : (d + 1) * B],
+            r_max=1.5,
+            d_max=0.5,
+            virtual_batch_size=2,
+        )
+        np.testing.assert_allclose(y[d], ref.y, rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(new["var"][d], ref.new_var, rtol=2e-5)
