@@ -11,12 +11,14 @@ and Flax linen modules (`jaxrenorm.linen.BatchNorm`, a drop-in for
 from jaxrenorm import linen, schedules
 from jaxrenorm._norm import batch_norm, batch_renorm, init_batch_stats
 from jaxrenorm._stats import moments
+from jaxrenorm.tools import collect_diagnostics
 
 __version__ = "0.1.0"
 
 __all__ = [
     "batch_norm",
     "batch_renorm",
+    "collect_diagnostics",
     "init_batch_stats",
     "linen",
     "moments",

@@ -270,6 +270,22 @@ class RenormTerms(NamedTuple):
     d_unclipped: jax.Array
 
 
+def renorm_diagnostics(terms: RenormTerms) -> dict[str, jax.Array]:
+    """Scalar summaries of one renorm training call, over features (and groups).
+
+    `r_clipped` / `d_clipped`: fraction of features where the bound was active;
+    `r_mean_abs_dev`: mean |r - 1|; `d_mean_abs`: mean |d| (r and d as used,
+    after clipping). With r = 1 and d = 0 the layer is BatchNorm; large values
+    mean the batch statistics disagree with the running ones.
+    """
+    return {
+        "r_clipped": jnp.mean((terms.r != terms.r_unclipped).astype(jnp.float32)),
+        "d_clipped": jnp.mean((terms.d != terms.d_unclipped).astype(jnp.float32)),
+        "r_mean_abs_dev": jnp.mean(jnp.abs(terms.r - 1)),
+        "d_mean_abs": jnp.mean(jnp.abs(terms.d)),
+    }
+
+
 def _normalize(
     x: jax.Array,
     params: Params,

@@ -18,7 +18,7 @@ from flax.linen.module import merge_param
 
 from jaxrenorm import schedules
 from jaxrenorm._checks import Axes, check_input, check_layout
-from jaxrenorm._norm import batch_norm, batch_renorm
+from jaxrenorm._norm import Renorm, _normalize, batch_norm, renorm_diagnostics
 
 __all__ = ["BatchNorm", "BatchRenorm"]
 
@@ -43,6 +43,7 @@ class _Normalization(nn.Module):
     axis_index_groups: Any = None
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
+    virtual_batch_size: int | None = None
 
     def _variables(self, x: jax.Array):
         """Declares the variables; returns (params, running-statistics variables, out dtype)."""
@@ -74,6 +75,7 @@ class _Normalization(nn.Module):
             mask=mask,
             use_fast_variance=self.use_fast_variance,
             dtype=dtype,
+            virtual_batch_size=self.virtual_batch_size,
         )
 
     def _write(self, running, new_stats: dict[str, jax.Array], use_running_average: bool) -> bool:
@@ -96,7 +98,9 @@ class BatchNorm(_Normalization):
     default variance is accurate on offset data (x = 1e4 + N(0, 1): relative
     error 6e-6 where Flax's has 25).
 
-    Attributes: those of `flax.linen.BatchNorm`, with the same defaults.
+    Attributes: those of `flax.linen.BatchNorm`, with the same defaults, plus
+      `virtual_batch_size` (statistics over consecutive groups of that many
+      examples along axis 0; see `jaxrenorm.batch_norm`).
       `force_float32_reductions=False` keeps the running statistics in
       `param_dtype`, as in Flax, but statistics are still computed in at least
       float32: reducing in bfloat16 is not faster on any backend we measured and
@@ -143,8 +147,18 @@ class BatchRenorm(_Normalization):
     `steps` is incremented once per training call (not during `init`, not with
     `use_running_average`). The defaults are the paper's schedules
     (`jaxrenorm.schedules.PAPER_R_MAX`, `PAPER_D_MAX`): plain BatchNorm for 5,000
-    steps, then r_max to 3 at 40,000 and d_max to 5 at 25,000. Inference is
-    exactly BatchNorm's. The math is `jaxrenorm.batch_renorm`'s.
+    steps, then r_max to 3 at 40,000 and d_max to 5 at 25,000; for a shorter run
+    use `jaxrenorm.schedules.scaled_paper_schedules`. Inference is exactly
+    BatchNorm's. The math is `jaxrenorm.batch_renorm`'s.
+
+    Attributes (beyond `BatchNorm`'s):
+      r_max, d_max: the bounds on r and |d| (floats or schedules).
+      grad_through_batch_moments: False treats the batch mean and variance as
+        constants in the backward pass (see `jaxrenorm.batch_renorm`).
+      diagnostics: if True, each training call sows `r_clipped`, `d_clipped`,
+        `r_mean_abs_dev` and `d_mean_abs` into the `intermediates` collection
+        (collect them with `jaxrenorm.collect_diagnostics`). Off by default, and
+        free when off.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxrenorm
@@ -158,6 +172,8 @@ class BatchRenorm(_Normalization):
 
     r_max: Bound = schedules.PAPER_R_MAX
     d_max: Bound = schedules.PAPER_D_MAX
+    grad_through_batch_moments: bool = True
+    diagnostics: bool = False
 
     @nn.compact
     def __call__(
@@ -181,14 +197,17 @@ class BatchRenorm(_Normalization):
             r_max = r_max(steps.value) if callable(r_max) else r_max
             d_max = d_max(steps.value) if callable(d_max) else d_max
         stats = {"mean": running[0].value, "var": running[1].value}
-        y, new_stats = batch_renorm(
+        y, new_stats, terms = _normalize(
             x,
             params,
             stats,
-            r_max=r_max,
-            d_max=d_max,
+            renorm=Renorm(r_max, d_max, self.grad_through_batch_moments),
             **self._kwargs(use_running_average, mask, dtype),
         )
-        if self._write(running, new_stats, use_running_average) and steps is not None:
-            steps.value = steps.value + 1
+        if self._write(running, new_stats, use_running_average):
+            if steps is not None:
+                steps.value = steps.value + 1
+            if self.diagnostics:
+                for name, value in renorm_diagnostics(terms).items():
+                    self.sow("intermediates", name, value)
         return y

@@ -12,7 +12,13 @@ from __future__ import annotations
 
 import optax
 
-__all__ = ["PAPER_D_MAX", "PAPER_R_MAX", "d_max_schedule", "r_max_schedule"]
+__all__ = [
+    "PAPER_D_MAX",
+    "PAPER_R_MAX",
+    "d_max_schedule",
+    "r_max_schedule",
+    "scaled_paper_schedules",
+]
 
 
 def _ramp(start: float, final: float, begin: int, end: int, name: str) -> optax.Schedule:
@@ -63,3 +69,32 @@ def d_max_schedule(final: float = 5.0, begin: int = 5_000, end: int = 25_000) ->
 PAPER_R_MAX: optax.Schedule = r_max_schedule()
 #: The paper's d_max schedule: 0 until step 5,000, then linear to 5 at step 25,000.
 PAPER_D_MAX: optax.Schedule = d_max_schedule()
+
+
+def scaled_paper_schedules(
+    total_steps: int, r_max: float = 3.0, d_max: float = 5.0
+) -> tuple[optax.Schedule, optax.Schedule]:
+    """The paper's ramps, scaled to a run of `total_steps` steps.
+
+    The paper trains for 40,000 steps between its milestones: BatchNorm until 5,000
+    (1/8 of the way), d_max at its final value at 25,000 (5/8) and r_max at 40,000
+    (the end). This keeps those proportions for a run of any length.
+
+    Returns:
+      `(r_max_schedule, d_max_schedule)`, for `BatchRenorm(r_max=..., d_max=...)`.
+
+    Example:
+      >>> from jaxrenorm import schedules
+      >>> r, d = schedules.scaled_paper_schedules(800)
+      >>> [round(float(r(t)), 3) for t in (0, 100, 450, 800)]
+      [1.0, 1.0, 2.0, 3.0]
+      >>> [round(float(d(t)), 3) for t in (100, 300, 500)]
+      [0.0, 2.5, 5.0]
+    """
+    if not isinstance(total_steps, int) or total_steps < 1:
+        raise ValueError(f"`total_steps` must be a positive int, got {total_steps!r}.")
+    begin = total_steps // 8
+    return (
+        r_max_schedule(r_max, begin=begin, end=total_steps),
+        d_max_schedule(d_max, begin=begin, end=(5 * total_steps) // 8),
+    )

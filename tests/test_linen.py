@@ -316,3 +316,43 @@ def test_default_module_is_accurate_on_offset_data():
         rel = np.abs(np.asarray(upd["batch_stats"]["var"], np.float64) / true_var - 1)
         assert rel.max() <= 1e-3
         np.testing.assert_allclose(np.asarray(y).reshape(-1, 4).std(0), 1.0, rtol=1e-2)
+
+
+@pytest.mark.parametrize("grad_through", [True, False])
+def test_modules_with_virtual_batches_match_reference(grad_through):
+    x = _x((12, 3, 3, 2), seed=12, offset=1.0)
+    g = jax.random.normal(jax.random.key(13), x.shape)
+    for module, kw in (
+        (jaxrenorm.linen.BatchNorm(virtual_batch_size=4), {}),
+        (
+            jaxrenorm.linen.BatchRenorm(
+                virtual_batch_size=4,
+                r_max=1.4,
+                d_max=0.4,
+                grad_through_batch_moments=grad_through,
+            ),
+            {"r_max": 1.4, "d_max": 0.4, "grad_through_batch_moments": grad_through},
+        ),
+    ):
+        variables = _randomize(module.init(jax.random.key(0), x, use_running_average=False))
+
+        def loss(x, params, module=module, variables=variables):
+            y, upd = module.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                x,
+                use_running_average=False,
+                mutable=["batch_stats"],
+            )
+            return jnp.sum(y * g), (y, upd)
+
+        (_, (y, upd)), (dx, dp) = jax.value_and_grad(loss, (0, 1), has_aux=True)(
+            x, variables["params"]
+        )
+        p, s = variables["params"], variables["batch_stats"]
+        ref = reference.normalize(
+            x, p["scale"], p["bias"], s["mean"], s["var"], g, virtual_batch_size=4, **kw
+        )
+        np.testing.assert_allclose(y, ref.y, rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(upd["batch_stats"]["var"], ref.new_var, rtol=2e-5)
+        np.testing.assert_allclose(dx, ref.dx, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(dp["scale"], ref.dscale, rtol=1e-4, atol=1e-4)

@@ -36,3 +36,15 @@ def test_custom_ramps():
 def test_bad_ramps(factory, kwargs, pattern):
     with pytest.raises(ValueError, match=pattern):
         factory(**kwargs)
+
+
+def test_scaled_paper_schedules_keep_the_paper_proportions():
+    r, d = schedules.scaled_paper_schedules(40_000)
+    for t in (0, 5_000, 12_000, 25_000, 33_000, 40_000, 50_000):
+        assert float(r(t)) == pytest.approx(float(schedules.PAPER_R_MAX(t)))
+        assert float(d(t)) == pytest.approx(float(schedules.PAPER_D_MAX(t)))
+    r, d = schedules.scaled_paper_schedules(800, r_max=2.0, d_max=1.0)
+    assert [float(r(t)) for t in (0, 100, 450, 800)] == pytest.approx([1.0, 1.0, 1.5, 2.0])
+    assert [float(d(t)) for t in (100, 300, 500, 900)] == pytest.approx([0.0, 0.5, 1.0, 1.0])
+    with pytest.raises(ValueError, match="total_steps"):
+        schedules.scaled_paper_schedules(0)
