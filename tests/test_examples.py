@@ -33,3 +33,28 @@ def test_data_parallel_runs_both_modes():
         accuracy = float(re.search(rf"\[{mode}\] test accuracy: ([0-9.]+)", out).group(1))
         assert accuracy > 0.85, out
         assert re.search(rf"\[{mode}\] throughput: [0-9,]+ examples/s", out), out
+
+
+def test_small_batches_quick(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "small_batches.py"),
+            "--quick",
+            "--out-dir",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    report = (tmp_path / "small_batches.md").read_text()
+    assert report.strip() in out
+    for method in ("BatchNorm", "BatchRenorm", "BatchRenorm, no grad through moments", "GroupNorm"):
+        row = re.search(rf"^\| {re.escape(method)} \| (.*) \|$", report, flags=re.M)
+        cells = row.group(1).split(" | ")
+        assert len(cells) == 2 and all(re.fullmatch(r"\d+\.\d ± \d+\.\d", c) for c in cells), row
+    assert "r clipped" in report
+    png = (tmp_path / "small_batches.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
