@@ -179,7 +179,7 @@ def plot(results, setting_names, method_names, path: pathlib.Path, title: str) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 5))
     width = 0.8 / len(method_names)
     for i, m in enumerate(method_names):
         acc = [100 * results[(m, s)] for s in setting_names]
@@ -189,9 +189,9 @@ def plot(results, setting_names, method_names, path: pathlib.Path, title: str) -
     ax.set_ylabel("test accuracy (%), running statistics")
     ax.set_xlabel("examples that share batch statistics")
     ax.set_ylim(0, 100)
-    ax.axhline(10, color="gray", lw=0.8, ls=":")
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower left")
+    ax.axhline(10, color="gray", lw=0.8, ls=":")  # chance
+    ax.set_title(title, fontsize=9, wrap=True)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -203,11 +203,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--quick", action="store_true", help="1 seed, 150 steps: a smoke test")
     parser.add_argument(
-        "--out-dir", type=pathlib.Path, default=pathlib.Path(__file__).parent / "results"
+        "--out-dir",
+        type=pathlib.Path,
+        default=None,
+        help="default: examples/results (examples/results/quick with --quick)",
     )
     args = parser.parse_args()
     if args.quick:
         args.seeds, args.steps = 1, 150
+    if args.out_dir is None:  # a smoke test never overwrites the published results
+        args.out_dir = pathlib.Path(__file__).parent / "results" / ("quick" if args.quick else "")
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     data = load_data(0)
@@ -255,7 +260,8 @@ def main() -> None:
     report = f"{table}\n\n{about}\n\n{clipping}\n"
     print("\n" + report)
     (args.out_dir / "small_batches.md").write_text(report)
-    plot(results, list(settings), list(all_methods), args.out_dir / "small_batches.png", about)
+    title = about.replace("; ", "\n", 1)
+    plot(results, list(settings), list(all_methods), args.out_dir / "small_batches.png", title)
     print(f"wrote {args.out_dir / 'small_batches.md'} and {args.out_dir / 'small_batches.png'}")
 
 

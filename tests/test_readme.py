@@ -16,3 +16,8 @@ def test_readme_has_examples():
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_readme_block_runs(index):
     exec(compile(BLOCKS[index], f"README.md block {index}", "exec"), {})
+
+
+def test_readme_shows_the_table_the_main_example_printed():
+    results = README.parent / "examples" / "results" / "small_batches.md"
+    assert results.read_text().strip() in README.read_text()
