@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxrenorm._checks import (
     Axes,
@@ -366,46 +367,76 @@ def _normalize(
         (bias, cdtype),
     )
 
-    # Across devices the shift must be the same everywhere: the running mean is.
-    shift = lax.stop_gradient(mean_k) if axis_name is not None else None
-    m = compute_moments(
-        xc,
-        reduction_axes,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        mask=mask,
-        use_fast_variance=use_fast_variance,
-        shift=shift,
-    )
-    if renorm is not None and not renorm.grad_through_batch_moments:
-        m = m._replace(offset=lax.stop_gradient(m.offset), var=lax.stop_gradient(m.var))
-    inv_std = lax.rsqrt(m.var + epsilon)
-    terms = None
-    if renorm is None:
-        a, b = inv_std, None
-    else:
-        inv_run_std = lax.rsqrt(var_k + epsilon)
-        r_raw = lax.stop_gradient(jnp.sqrt(m.var + epsilon) * inv_run_std)
-        d_raw = lax.stop_gradient(((m.shift - mean_k) + m.offset) * inv_run_std)
-        terms = RenormTerms(
-            r=jnp.clip(r_raw, 1.0 / renorm.r_max, renorm.r_max),
-            d=jnp.clip(d_raw, -renorm.d_max, renorm.d_max),
-            r_unclipped=r_raw,
-            d_unclipped=d_raw,
+    def core(xc, mean_k, var_k, scale_k, bias_k, mask, clip):
+        # Across devices the shift must be the same everywhere: the running mean is.
+        shift = lax.stop_gradient(mean_k) if axis_name is not None else None
+        m = compute_moments(
+            xc,
+            reduction_axes,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            mask=mask,
+            use_fast_variance=use_fast_variance,
+            shift=shift,
         )
-        a, b = inv_std * terms.r, terms.d
-    if scale_k is not None:
-        a = a * scale_k
-        b = None if b is None else b * scale_k
-    b = _plus(b, bias_k)
+        m = Moments(*(_per_feature_value(v) for v in m))
+        if renorm is not None and not renorm.grad_through_batch_moments:
+            m = m._replace(offset=lax.stop_gradient(m.offset), var=lax.stop_gradient(m.var))
+        inv_std = lax.rsqrt(m.var + epsilon)
+        terms = None
+        if clip is None:
+            a, b = inv_std, None
+        else:
+            r_max, d_max = clip
+            inv_run_std = lax.rsqrt(var_k + epsilon)
+            r_raw = lax.stop_gradient(jnp.sqrt(m.var + epsilon) * inv_run_std)
+            d_raw = lax.stop_gradient(((m.shift - mean_k) + m.offset) * inv_run_std)
+            terms = RenormTerms(
+                r=jnp.clip(r_raw, 1.0 / r_max, r_max),
+                d=jnp.clip(d_raw, -d_max, d_max),
+                r_unclipped=r_raw,
+                d_unclipped=d_raw,
+            )
+            a, b = inv_std * terms.r, terms.d
+        if scale_k is not None:
+            a = a * scale_k
+            b = None if b is None else b * scale_k
+        a, b = _per_feature_value(a), _per_feature_value(_plus(b, bias_k))
+        if mask is not None:
+            # A masked position that is not finite would put 0 * NaN into the gradient
+            # of a and b even when the loss ignores it; normalize the shift there.
+            xc = jnp.where(mask | jnp.isfinite(xc), xc, m.shift)
+        # y = ((x - k) - m1) * a + b, written so that the backward pass needs only the
+        # per-feature sums of g and of g * (x - k): the cotangent of the per-feature
+        # offset b - m1 * a is sum(g), shared with the bias gradient.
+        y = (xc - m.shift) * a + _per_feature_value(_plus(b, -m.offset * a))
+        return y, m, terms
 
-    if mask is not None:
-        # A masked position that is not finite would put 0 * NaN into the gradient
-        # of a and b even when the loss ignores it; normalize the shift there instead.
-        xc = jnp.where(mask | jnp.isfinite(xc), xc, m.shift)
-    y = _plus(((xc - m.shift) - m.offset) * a, b).reshape(x.shape)
+    clip = None if renorm is None else (renorm.r_max, renorm.d_max)
+    # Rematerialize the full-size intermediates in the backward pass from x instead
+    # of keeping them: the layer is memory-bound, so recomputing an elementwise
+    # expression inside the backward's fused loops is free, and storing it is not.
+    # Only per-feature values are saved (see `_per_feature_value`).
+    core = jax.checkpoint(core, policy=_SAVE_PER_FEATURE, prevent_cse=True)
+    y, m, terms = core(xc, mean_k, var_k, scale_k, bias_k, mask, clip)
+    y = y.reshape(x.shape)
     new_stats = _update_running(batch_stats, run_mean, run_var, m, momentum, grouped)
     return y.astype(out_dtype), new_stats, terms
+
+
+_PER_FEATURE = "jaxrenorm_per_feature"
+_REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "psum"})
+_save_names = jax.checkpoint_policies.save_only_these_names(_PER_FEATURE)
+
+
+def _SAVE_PER_FEATURE(prim, *args, **params) -> bool:
+    """Checkpoint policy: keep reductions' results and named per-feature values."""
+    return prim.name in _REDUCTIONS or _save_names(prim, *args, **params)
+
+
+def _per_feature_value(v: jax.Array | None) -> jax.Array | None:
+    """Marks a per-feature value as worth keeping for the backward pass."""
+    return None if v is None else checkpoint_name(v, _PER_FEATURE)
 
 
 def _per_feature(

@@ -526,3 +526,52 @@ def test_renorm_without_gradient_through_batch_moments(shape, axis, v):
     paper = reference.normalize(x, scale, bias, mean, var, g, **kw)
     np.testing.assert_allclose(got[0], paper.y, rtol=2e-5, atol=2e-5)
     assert not np.allclose(ref.dx, paper.dx, atol=1e-3)
+
+
+# --- forward mode ---------------------------------------------------------------
+
+
+def _scalar_loss(kind, scale, bias, mean, var, g, **kw):
+    fn = jaxrenorm.batch_renorm if kind == "brn" else jaxrenorm.batch_norm
+    extra = {"r_max": 1.4, "d_max": 0.4} if kind == "brn" else {}
+    stats = {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)}
+    params = {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+
+    def loss(x):
+        y, _ = fn(x, params, stats, use_running_average=False, **extra, **kw)
+        return jnp.sum(y * jnp.asarray(g, jnp.float32))
+
+    return loss, extra
+
+
+@pytest.mark.parametrize("kind", ["bn", "brn"])
+@pytest.mark.parametrize("kw", [{}, {"virtual_batch_size": 3}, {"use_fast_variance": False}])
+def test_forward_mode_jvp_and_jacfwd_match_reference(kind, kw):
+    x, scale, bias, mean, var, g = _data((6, 4), -1, seed=15, offset=1.5)
+    loss, extra = _scalar_loss(kind, scale, bias, mean, var, g, **kw)
+    vsize = kw.get("virtual_batch_size")
+    ref = reference.normalize(x, scale, bias, mean, var, g, virtual_batch_size=vsize, **extra)
+    direction = np.random.default_rng(16).normal(size=x.shape)
+    xj = jnp.asarray(x, jnp.float32)
+    _, tangent = jax.jvp(loss, (xj,), (jnp.asarray(direction, jnp.float32),))
+    np.testing.assert_allclose(tangent, np.sum(ref.dx * direction), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(jax.jacfwd(loss)(xj), ref.dx, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["bn", "brn"])
+def test_hessian_matches_finite_differences_of_the_reference_gradient(kind):
+    x, scale, bias, mean, var, g = _data((4, 2), -1, seed=17, offset=0.5)
+    # r and d are constants for differentiation (stop_gradient); finite differences
+    # of the reference see them move unless they are clipped, so clip them all.
+    mean, var = mean + 10.0, var * 100.0
+    loss, extra = _scalar_loss(kind, scale, bias, mean, var, g)
+    hess = np.asarray(jax.hessian(loss)(jnp.asarray(x, jnp.float32))).reshape(8, 8)
+    h = 1e-6
+    fd = np.zeros((8, 8))
+    for i in range(8):
+        e = np.zeros(8)
+        e[i] = h
+        plus = reference.normalize(x + e.reshape(x.shape), scale, bias, mean, var, g, **extra)
+        minus = reference.normalize(x - e.reshape(x.shape), scale, bias, mean, var, g, **extra)
+        fd[:, i] = ((plus.dx - minus.dx) / (2 * h)).ravel()
+    np.testing.assert_allclose(hess, fd, rtol=2e-3, atol=2e-3)
