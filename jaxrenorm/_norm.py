@@ -331,7 +331,6 @@ def _normalize(
     out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
     cdtype = stats_dtype(x.dtype)
     rdtype = jnp.finfo(cdtype).dtype  # the real dtype of variances
-    xc = x.astype(cdtype)
 
     if use_running_average:
         mean_k, var_k, scale_k, bias_k = _per_feature(
@@ -344,22 +343,23 @@ def _normalize(
         )
         a = lax.rsqrt(var_k + epsilon)
         a = a if scale_k is None else a * scale_k
-        y = _plus((xc - mean_k) * a, bias_k)
+        y = _plus((x.astype(cdtype) - mean_k) * a, bias_k)
         return y.astype(out_dtype), dict(batch_stats), None
 
     # Inference ignores virtual batches, so an eval batch of any size is fine.
     if virtual_batch_size is not None:
         check_virtual_batch(virtual_batch_size, x.shape, feature_axes)
     grouped = virtual_batch_size is not None and virtual_batch_size != x.shape[0]
+    xw = x  # the working view, in the input dtype (compute_moments widens it)
     if grouped:
         # (N, ...) -> (N / v, v, ...): axis 0 indexes groups, which keep their own
         # statistics, and every other axis shifts by one.
-        xc = xc.reshape(x.shape[0] // virtual_batch_size, virtual_batch_size, *x.shape[1:])
+        xw = x.reshape(x.shape[0] // virtual_batch_size, virtual_batch_size, *x.shape[1:])
         reduction_axes = (1, *(a + 1 for a in reduction_axes if a != 0))
         mask = None if mask is None else _group_mask(mask, x.shape, virtual_batch_size)
         axis_name = None  # groups are local to each device
     mean_k, var_k, scale_k, bias_k = _per_feature(
-        xc.shape,
+        xw.shape,
         (0, *reduction_axes) if grouped else reduction_axes,
         (run_mean, cdtype),
         (run_var, rdtype),
@@ -367,11 +367,11 @@ def _normalize(
         (bias, cdtype),
     )
 
-    def core(xc, mean_k, var_k, scale_k, bias_k, mask, clip):
+    def core(xw, mean_k, var_k, scale_k, bias_k, mask, clip):
         # Across devices the shift must be the same everywhere: the running mean is.
         shift = lax.stop_gradient(mean_k) if axis_name is not None else None
         m = compute_moments(
-            xc,
+            xw,
             reduction_axes,
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
@@ -402,6 +402,7 @@ def _normalize(
             a = a * scale_k
             b = None if b is None else b * scale_k
         a, b = _per_feature_value(a), _per_feature_value(_plus(b, bias_k))
+        xc = xw.astype(cdtype)
         if mask is not None:
             # A masked position that is not finite would put 0 * NaN into the gradient
             # of a and b even when the loss ignores it; normalize the shift there.
@@ -418,7 +419,7 @@ def _normalize(
     # expression inside the backward's fused loops is free, and storing it is not.
     # Only per-feature values are saved (see `_per_feature_value`).
     core = jax.checkpoint(core, policy=_SAVE_PER_FEATURE, prevent_cse=True)
-    y, m, terms = core(xc, mean_k, var_k, scale_k, bias_k, mask, clip)
+    y, m, terms = core(xw, mean_k, var_k, scale_k, bias_k, mask, clip)
     y = y.reshape(x.shape)
     new_stats = _update_running(batch_stats, run_mean, run_var, m, momentum, grouped)
     return y.astype(out_dtype), new_stats, terms
