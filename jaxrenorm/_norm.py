@@ -1,14 +1,24 @@
 """Batch Normalization and Batch Renormalization as pure functions.
 
 Data flows one way: input -> moments (`_stats`) -> per-feature coefficients
-(a, b) -> output y = (x - k - m1) * a + b, and the new running statistics.
+(a, c) -> output y = (x - k) * a + c, and the new running statistics.
 
-Writing the layer as one multiply-add with per-feature coefficients keeps every
-full-size operation in a single elementwise pass, and lets autodiff produce a
-backward pass made of two per-feature reductions and one elementwise pass.
-Centering by the moments' own reference point, (x - k) - m1 rather than x - mean,
-keeps the output accurate to a few ulp on offset data where mean = k + m1 would
-round away the low bits (see `_stats`).
+Why this shape, measured on XLA:CPU against flax.linen.BatchNorm (README,
+Performance):
+
+- One multiply-add with per-feature coefficients keeps every full-size operation
+  in a single elementwise pass. Centering by the moments' own reference point k
+  (not by mean = k + m1, which rounds away the low bits on offset data) keeps the
+  output accurate to a few ulp; the per-feature offset c = b - m1 * a has the
+  cotangent sum(g), shared with the bias gradient.
+- The backward pass is JAX's own autodiff of this, under `jax.checkpoint` with a
+  policy that saves only per-feature values (reductions' results and named
+  coefficients) and prevent_cse, so XLA recomputes x - k inside the backward's
+  fused loops instead of storing full-size intermediates: forward+backward
+  0.61-0.64x Flax's time on conv activations with no full-size temporary
+  (Flax: 32 MiB), against 1.2x and 32 MiB for plain autodiff of the same
+  forward. A `custom_vjp` with the analytic backward would give the same passes
+  but break forward mode (jvp, jacfwd, hessian); autodiff keeps it for free.
 """
 
 from __future__ import annotations
