@@ -575,3 +575,27 @@ def test_hessian_matches_finite_differences_of_the_reference_gradient(kind):
         minus = reference.normalize(x - e.reshape(x.shape), scale, bias, mean, var, g, **extra)
         fd[:, i] = ((plus.dx - minus.dx) / (2 * h)).ravel()
     np.testing.assert_allclose(hess, fd, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("kind", ["bn", "brn"])
+def test_half_precision_gradients_match_reference(dtype, kind):
+    """Gradients of a float16/bfloat16 input, against the reference on the rounded input."""
+    x, scale, bias, mean, var, g = _data((16, 4, 4, 3), -1, seed=18, offset=3.0)
+    x_low = jnp.asarray(x, dtype)
+    fn = jaxrenorm.batch_renorm if kind == "brn" else jaxrenorm.batch_norm
+    kw = {"r_max": 1.4, "d_max": 0.4} if kind == "brn" else {}
+    stats = {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)}
+    params = {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
+
+    def loss(x, params):
+        y, _ = fn(x, params, stats, use_running_average=False, dtype=jnp.float32, **kw)
+        return jnp.sum(y * jnp.asarray(g, jnp.float32))
+
+    dx, dp = jax.grad(loss, argnums=(0, 1))(x_low, params)
+    assert dx.dtype == dtype
+    ref = reference.normalize(np.asarray(x_low, np.float64), scale, bias, mean, var, g, **kw)
+    # The only rounding the float32 computation cannot undo is dx's own, to `dtype`.
+    np.testing.assert_allclose(np.asarray(dx, np.float64), ref.dx, rtol=1e-2, atol=1e-2)
+    np.testing.assert_allclose(dp["scale"], ref.dscale, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dp["bias"], ref.dbias, rtol=1e-4, atol=1e-4)
