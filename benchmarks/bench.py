@@ -47,9 +47,11 @@ def build(module: nn.Module, x: jax.Array, g: jax.Array):
 
     def train(params, stats, x):
         return module.apply(
-            {"params": params, "batch_stats": stats}, x, use_running_average=False,
+            {"params": params, "batch_stats": stats},
+            x,
+            use_running_average=False,
             mutable=["batch_stats"],
-        )  # fmt: skip
+        )
 
     def loss(params, x, stats):
         y, upd = train(params, stats, x)
@@ -116,9 +118,10 @@ def run(shapes: dict[str, tuple[int, ...]], dtypes, rounds: int) -> str:
                     cells.append(f"{t / t0:.2f}x ({t * 1e3:.2f} ms, {100 * bw:.0f}%)")
                 mem = f"{temps[name] / temps[base]:.2f}x ({temps[name] / 2**20:.1f} MiB)"
                 rows.append(
-                    f"| {shape_name} | {jnp.dtype(dtype).name} | {name} | " + " | ".join(cells)
+                    f"| {shape_name} | {jnp.dtype(dtype).name} | {name} | "
+                    + " | ".join(cells)
                     + f" | {mem} |"
-                )  # fmt: skip
+                )
     header = [
         "| shape | dtype | implementation | " + " | ".join(PASSES) + " | fwd+bwd temp memory |",
         "|---|---|---|" + "---|" * (len(PASSES) + 1),

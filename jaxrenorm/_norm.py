@@ -90,6 +90,7 @@ def batch_norm(
     use_fast_variance: bool = True,
     dtype: jnp.dtype | None = None,
     virtual_batch_size: int | None = None,
+    bessel_correction: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     r"""Batch Normalization (Ioffe & Szegedy 2015), per feature.
 
@@ -143,6 +144,11 @@ def batch_norm(
         running statistics move towards the mean over groups of the group means
         and of the group variances. Groups are local to each device (no
         collective). No effect with `use_running_average=True`.
+      bessel_correction: update the running variance with the unbiased batch
+        variance n / (n - 1) * var_B, n the valid count over all devices (per
+        group with virtual batches): PyTorch's convention and the inference
+        estimate of Ioffe & Szegedy 2015. The normalization itself always uses
+        the biased var_B. Default False (Flax's convention).
 
     Returns:
       `(y, new_batch_stats)`; `new_batch_stats` has the same keys as `batch_stats`.
@@ -171,6 +177,7 @@ def batch_norm(
         dtype=dtype,
         virtual_batch_size=virtual_batch_size,
         renorm=None,
+        bessel_correction=bessel_correction,
     )[:2]
 
 
@@ -189,6 +196,7 @@ def batch_renorm(
     use_fast_variance: bool = True,
     dtype: jnp.dtype | None = None,
     virtual_batch_size: int | None = None,
+    bessel_correction: bool = False,
     r_max: float | jax.Array = 3.0,
     d_max: float | jax.Array = 5.0,
     grad_through_batch_moments: bool = True,
@@ -220,8 +228,8 @@ def batch_renorm(
     Args:
       x, params, batch_stats, use_running_average, axis, momentum, epsilon,
       axis_name, axis_index_groups, mask, use_fast_variance, dtype,
-      virtual_batch_size: as in `batch_norm`; with virtual batches r and d are
-        computed per group.
+      virtual_batch_size, bessel_correction: as in `batch_norm`; with virtual
+        batches r and d are computed per group.
       r_max: bound on r, >= 1 (a Python float or a traced scalar, e.g. a schedule
         evaluated under jit; see `jaxrenorm.schedules`).
       d_max: bound on |d|, >= 0 (float or traced scalar).
@@ -261,6 +269,7 @@ def batch_renorm(
         dtype=dtype,
         virtual_batch_size=virtual_batch_size,
         renorm=Renorm(r_max, d_max, grad_through_batch_moments),
+        bessel_correction=bessel_correction,
     )[:2]
 
 
@@ -313,6 +322,7 @@ def _normalize(
     dtype: jnp.dtype | None,
     virtual_batch_size: int | None,
     renorm: Renorm | None,
+    bessel_correction: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array], RenormTerms | None]:
     """The shared body of `batch_norm` (renorm=None) and `batch_renorm`.
 
@@ -431,7 +441,9 @@ def _normalize(
     core = jax.checkpoint(core, policy=_SAVE_PER_FEATURE, prevent_cse=True)
     y, m, terms = core(xw, mean_k, var_k, scale_k, bias_k, mask, clip)
     y = y.reshape(x.shape)
-    new_stats = _update_running(batch_stats, run_mean, run_var, m, momentum, grouped)
+    new_stats = _update_running(
+        batch_stats, run_mean, run_var, m, momentum, grouped, bessel_correction
+    )
     return y.astype(out_dtype), new_stats, terms
 
 
@@ -485,14 +497,19 @@ def _update_running(
     m: Moments,
     momentum: float,
     grouped: bool,
+    bessel_correction: bool,
 ) -> dict[str, jax.Array]:
     """Exponential moving averages of the batch moments, skipping non-finite features.
 
     With virtual batches (`grouped`, groups on axis 0), the batch estimate is the
     mean over groups with a valid element of the group means and group variances.
+    With `bessel_correction`, each variance is first scaled by n / (n - 1) for its
+    own valid count n (left as is where n = 1).
     """
     shape = run_mean.shape
     mean, var = lax.stop_gradient(m.mean), lax.stop_gradient(m.var)
+    if bessel_correction:
+        var = var * jnp.where(m.count > 1, m.count / jnp.maximum(m.count - 1, 1), 1)
     has_data = m.count > 0
     if grouped:
         weight = has_data.astype(var.dtype)

@@ -44,6 +44,7 @@ class _Normalization(nn.Module):
     use_fast_variance: bool = True
     force_float32_reductions: bool = True
     virtual_batch_size: int | None = None
+    bessel_correction: bool = False
 
     def _variables(self, x: jax.Array):
         """Declares the variables; returns (params, running-statistics variables, out dtype)."""
@@ -76,6 +77,7 @@ class _Normalization(nn.Module):
             use_fast_variance=self.use_fast_variance,
             dtype=dtype,
             virtual_batch_size=self.virtual_batch_size,
+            bessel_correction=self.bessel_correction,
         )
 
     def _write(self, running, new_stats: dict[str, jax.Array], use_running_average: bool) -> bool:
@@ -100,7 +102,9 @@ class BatchNorm(_Normalization):
 
     Attributes: those of `flax.linen.BatchNorm`, with the same defaults, plus
       `virtual_batch_size` (statistics over consecutive groups of that many
-      examples along axis 0; see `jaxrenorm.batch_norm`).
+      examples along axis 0) and `bessel_correction` (update the running
+      variance with the unbiased batch variance, PyTorch's convention); see
+      `jaxrenorm.batch_norm`.
       `force_float32_reductions=False` keeps the running statistics in
       `param_dtype`, as in Flax, but statistics are still computed in at least
       float32: reducing in bfloat16 is not faster on any backend we measured and

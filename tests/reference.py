@@ -68,6 +68,7 @@ def normalize(
     d_max=None,
     grad_through_batch_moments=True,
     virtual_batch_size=None,
+    bessel_correction=False,
 ):
     """BatchNorm (r_max=None) or Batch Renormalization; returns outputs and gradients.
 
@@ -84,6 +85,7 @@ def normalize(
         r_max=r_max,
         d_max=d_max,
         grad_through_batch_moments=grad_through_batch_moments,
+        bessel_correction=bessel_correction,
     )
     if train and virtual_batch_size is not None:
         return _virtual(x, scale, bias, mean, var, g, mask, virtual_batch_size, kw)
@@ -135,7 +137,10 @@ def normalize(
 
     # A feature with no valid element keeps its running statistics.
     new_mean = np.where(count > 0, momentum * mu_run + (1 - momentum) * mu_b, mu_run)
-    new_var = np.where(count > 0, momentum * var_run + (1 - momentum) * var_b, var_run)
+    # PyTorch's (and the 2015 paper's) unbiased estimate, n / (n - 1), where n > 1.
+    var_update = var_b * np.where(count > 1, count / np.maximum(count - 1, 1), 1.0)
+    var_update = var_update if bessel_correction else var_b
+    new_var = np.where(count > 0, momentum * var_run + (1 - momentum) * var_update, var_run)
     return Result(
         y=y,
         new_mean=new_mean.reshape(fshape),
@@ -146,7 +151,7 @@ def normalize(
         r=r.reshape(fshape),
         d=d.reshape(fshape),
         batch_mean=mu_b.reshape(fshape),
-        batch_var=var_b.reshape(fshape),
+        batch_var=var_update.reshape(fshape),
         count=count.reshape(fshape),
     )
 

@@ -599,3 +599,60 @@ def test_half_precision_gradients_match_reference(dtype, kind):
     np.testing.assert_allclose(np.asarray(dx, np.float64), ref.dx, rtol=1e-2, atol=1e-2)
     np.testing.assert_allclose(dp["scale"], ref.dscale, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dp["bias"], ref.dbias, rtol=1e-4, atol=1e-4)
+
+
+# --- bessel_correction (PyTorch's running variance) ------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"virtual_batch_size": 4}, {"axis": 1}],
+    ids=["plain", "virtual", "nchw"],
+)
+@pytest.mark.parametrize("kind", ["bn", "brn"])
+def test_bessel_correction_matches_reference(kind, kw):
+    shape = (8, 3, 2, 2) if kw.get("axis") == 1 else (8, 3)
+    x, scale, bias, mean, var, g = _data(shape, kw.get("axis", -1), seed=19, offset=1.0)
+    mask = np.ones((8,) + (1,) * (len(shape) - 1), bool)
+    mask[[2, 5, 6]] = False  # unequal valid counts per virtual group
+    extra = {"r_max": 1.4, "d_max": 0.4} if kind == "brn" else {}
+    fn = jaxrenorm.batch_renorm if kind == "brn" else jaxrenorm.batch_norm
+    got = _run(
+        fn,
+        x,
+        scale,
+        bias,
+        mean,
+        var,
+        g * mask,
+        use_running_average=False,
+        mask=mask,
+        bessel_correction=True,
+        momentum=0.9,
+        **kw,
+        **extra,
+    )
+    ref = reference.normalize(
+        x,
+        scale,
+        bias,
+        mean,
+        var,
+        g * mask,
+        mask=mask,
+        bessel_correction=True,
+        momentum=0.9,
+        **kw,
+        **extra,
+    )
+    _assert_matches(got, ref)
+    plain = reference.normalize(x, scale, bias, mean, var, g * mask, mask=mask, momentum=0.9, **kw)
+    assert not np.allclose(ref.new_var, plain.new_var)  # the option does something
+
+
+def test_bessel_correction_with_one_valid_element_stays_finite():
+    stats = jaxrenorm.init_batch_stats(2)
+    _, new = jaxrenorm.batch_norm(
+        jnp.ones((1, 2)), {}, stats, use_running_average=False, bessel_correction=True
+    )
+    np.testing.assert_allclose(new["var"], 0.99)

@@ -26,6 +26,8 @@ SHAPE = (D * B, 2, 3)  # (batch, length, features)
 KINDS = {
     "bn": (jaxrenorm.batch_norm, {}),
     "brn": (jaxrenorm.batch_renorm, {"r_max": 1.5, "d_max": 0.5}),
+    # n / (n - 1) with n the global valid count: counts must cross devices too.
+    "bn_bessel": (jaxrenorm.batch_norm, {"bessel_correction": True}),
 }
 
 
