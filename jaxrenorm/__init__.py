@@ -8,19 +8,23 @@ and Flax linen modules (`jaxrenorm.linen.BatchNorm`, a drop-in for
 `flax.linen.BatchNorm`, and `jaxrenorm.linen.BatchRenorm`).
 """
 
-from jaxrenorm import linen, schedules
+from jaxrenorm import interop, linen, schedules
 from jaxrenorm._norm import batch_norm, batch_renorm, init_batch_stats
 from jaxrenorm._stats import moments
-from jaxrenorm.tools import collect_diagnostics
+from jaxrenorm.tools import batch_dependence, collect_diagnostics, fold_batch_norm, recalibrate
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "batch_dependence",
     "batch_norm",
     "batch_renorm",
     "collect_diagnostics",
+    "fold_batch_norm",
     "init_batch_stats",
+    "interop",
     "linen",
     "moments",
+    "recalibrate",
     "schedules",
 ]

@@ -1,14 +1,20 @@
-"""Tools around the normalization layers: diagnostics for logging."""
+"""Tools around the normalization layers: diagnostics, recalibration, folding, checks."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax.core import unfreeze
 
-__all__ = ["collect_diagnostics"]
+from jaxrenorm._checks import check_layout, check_mask
+from jaxrenorm._stats import compute_moments
+
+__all__ = ["batch_dependence", "collect_diagnostics", "fold_batch_norm", "recalibrate"]
 
 
 def collect_diagnostics(intermediates: Mapping[str, Any], sep: str = "/") -> dict[str, jax.Array]:
@@ -55,3 +61,276 @@ def collect_diagnostics(intermediates: Mapping[str, Any], sep: str = "/") -> dic
 
 
 _NAMES = frozenset({"r_clipped", "d_clipped", "r_mean_abs_dev", "d_mean_abs"})
+_RECAL = "jaxrenorm_recalibration"
+
+
+def recalibrate(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    batches: Iterable[Any],
+    *,
+    progress: bool = False,
+    **apply_kwargs: Any,
+) -> dict[str, Any]:
+    r"""Replaces every jaxrenorm layer's running statistics by exact population statistics.
+
+    Runs `model.apply(variables, batch, **apply_kwargs)` on each batch and records
+    the input of every `jaxrenorm.linen` normalization layer. The new `mean` is the
+    mean over all valid examples of all batches and the new `var` the pooled biased
+    variance over all of them, merged in float64 with Chan et al.'s formula
+    (count-weighted, so batches of different sizes and masks count by their
+    valid elements; never the average of per-batch variances):
+
+    .. math::
+        n = n_a + n_b, \quad \delta = \mu_b - \mu_a, \quad
+        M_2 = M_{2,a} + M_{2,b} + \delta^2 n_a n_b / n
+
+    Which statistics upstream layers use during the pass is set by
+    `apply_kwargs`. With the model's training mode (e.g. `train=True`, the
+    usual choice, "precise BatchNorm") every layer normalizes with the current
+    batch's statistics, so each layer sees its input as training produced it;
+    use large batches so those statistics are close to the population's. With
+    inference mode (`train=False`) upstream layers use their *old* running
+    statistics, which this call then replaces: cheaper to reason about when only
+    the last layers changed, inconsistent otherwise. Nothing else changes: the
+    params, the `steps` counters and every other collection are returned as
+    given, in the same tree structure.
+
+    Use it after training with small or non-i.i.d. batches, after weight
+    averaging (SWA or an EMA of the weights: averaged weights have no running
+    statistics of their own), or on a new domain (test-time adaptation:
+    recompute the statistics on the test distribution).
+
+    Args:
+      model: a Flax linen module whose normalization layers are jaxrenorm's.
+      variables: its variables (with `params` and `batch_stats`).
+      batches: an iterable of inputs; a tuple is passed as positional arguments.
+        Each batch is processed by one jitted call; memory does not grow with
+        the number of batches. Sharded batches (jit with NamedSharding) work.
+      progress: show a tqdm progress bar (tqdm must be installed).
+      **apply_kwargs: passed to `model.apply` (e.g. `train=True`); a `mask`
+        keyword reaching a layer is honoured.
+
+    Returns:
+      The variables with new `batch_stats` means and variances.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxrenorm
+      >>> bn = jaxrenorm.linen.BatchNorm()
+      >>> x = jax.random.normal(jax.random.key(0), (64, 3)) * 3 + 5
+      >>> v = bn.init(jax.random.key(1), x, use_running_average=True)
+      >>> v = jaxrenorm.recalibrate(bn, v, [x[:40], x[40:]], use_running_average=False)
+      >>> bool(jnp.allclose(v["batch_stats"]["var"], x.var(0), rtol=1e-5))
+      True
+    """
+    from jaxrenorm.linen import _Normalization
+
+    def interceptor(next_fun, args, kwargs, context):
+        module = context.module
+        if isinstance(module, _Normalization) and context.method_name == "__call__":
+            x = jnp.asarray(args[0])
+            _, reduction_axes = check_layout(x.shape, module.axis)
+            mask = kwargs.get("mask")
+            mask = None if mask is None else check_mask(mask, x.shape)
+            m = compute_moments(x, reduction_axes, mask=mask)
+            stats = (m.count, m.mean, m.var * m.count)  # n, mean, M2 (sum of squares)
+            module.sow(_RECAL, "moments", tuple(jnp.squeeze(s, reduction_axes) for s in stats))
+        return next_fun(*args, **kwargs)
+
+    @jax.jit
+    def batch_moments(variables, batch):
+        args = batch if isinstance(batch, tuple) else (batch,)
+        with nn.intercept_methods(interceptor):
+            _, state = model.apply(
+                variables, *args, mutable=["batch_stats", _RECAL], **apply_kwargs
+            )
+        return state.get(_RECAL, {})
+
+    pooled: dict[tuple[str, ...], list[np.ndarray]] = {}
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="recalibrate")
+    for batch in batches:
+        for path, calls in _leaves(jax.device_get(batch_moments(variables, batch))):
+            for n, mean, m2 in calls:
+                pooled[path] = _chan_merge(pooled.get(path), n, mean, m2)
+    if not pooled:
+        raise ValueError(
+            "recalibrate saw no jaxrenorm normalization layer run (or no batch); check "
+            "`model`, `batches` and that the layers are jaxrenorm.linen modules."
+        )
+    new = unfreeze(jax.tree.map(lambda a: a, dict(variables)))
+    for path, (n, mean, m2) in pooled.items():
+        node = new["batch_stats"]
+        for key in path:
+            node = node[key]
+        has_data = n > 0
+        var = np.where(has_data, m2 / np.maximum(n, 1), np.asarray(node["var"]))
+        mean = np.where(has_data, mean, np.asarray(node["mean"]))
+        node["mean"] = jnp.asarray(mean, node["mean"].dtype)
+        node["var"] = jnp.asarray(var, node["var"].dtype)
+    return new
+
+
+def _leaves(tree: Mapping[str, Any], path: tuple[str, ...] = ()):
+    """(module path, sown tuple of (n, mean, M2) per call) for every recorded layer."""
+    for key, value in tree.items():
+        if key == "moments" and isinstance(value, tuple):
+            yield path, value
+        elif isinstance(value, Mapping):
+            yield from _leaves(value, (*path, key))
+
+
+def _chan_merge(acc, n, mean, m2):
+    """Merges (n, mean, M2) into the float64 accumulator (Chan, Golub & LeVeque 1983)."""
+    n, mean, m2 = (np.asarray(a, np.float64) for a in (n, mean, m2))
+    mean = np.where(n > 0, mean, 0.0)
+    if acc is None:
+        return [n, mean, m2]
+    n_a, mean_a, m2_a = acc
+    total = n_a + n
+    safe = np.maximum(total, 1)
+    delta = mean - mean_a
+    return [total, mean_a + delta * n / safe, m2_a + m2 + delta**2 * n_a * n / safe]
+
+
+def fold_batch_norm(
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    params: Mapping[str, Any] | None,
+    batch_stats: Mapping[str, Any],
+    *,
+    epsilon: float = 1e-5,
+) -> tuple[jax.Array, jax.Array]:
+    r"""Folds an inference-mode normalization into the preceding Dense or Conv layer.
+
+    With z = x @ kernel + bias and y = scale * (z - mean) / sqrt(var + eps) + b,
+
+    .. math::
+        a = \frac{scale}{\sqrt{var + \epsilon}}, \quad kernel' = kernel \cdot a,
+        \quad bias' = (bias - mean)\, a + b
+
+    so that y = x @ kernel' + bias' with one layer less at inference.
+
+    Args:
+      kernel: Dense `(in, out)` or Conv `HWIO` (any `...IO`) kernel; its last axis
+        is the feature axis of the normalization.
+      bias: the layer's bias `(out,)`, or None (a layer with `use_bias=False`).
+      params: the normalization's params (optional "scale", "bias").
+      batch_stats: its running statistics ("mean", "var").
+      epsilon: the normalization's epsilon.
+
+    Returns:
+      `(kernel, bias)` for the same layer with `use_bias=True`.
+
+    To fold a whole linen model, build the same model without its normalization
+    layers and `use_bias=True` on the layers before them, then copy each folded
+    pair: `params["Conv_0"] = dict(zip(("kernel", "bias"), fold_batch_norm(
+    p["Conv_0"]["kernel"], p["Conv_0"].get("bias"), p["BatchNorm_0"],
+    stats["BatchNorm_0"])))`, and so on for every Conv/Dense + norm pair.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxrenorm
+      >>> k = jax.random.normal(jax.random.key(0), (4, 3))
+      >>> stats = {"mean": jnp.array([1., 2., 3.]), "var": jnp.array([4., 1., .25])}
+      >>> params = {"scale": jnp.array([1., 2., 3.]), "bias": jnp.zeros(3)}
+      >>> k2, b2 = jaxrenorm.fold_batch_norm(k, None, params, stats)
+      >>> x = jnp.ones((2, 4))
+      >>> y, _ = jaxrenorm.batch_norm(x @ k, params, stats, use_running_average=True)
+      >>> bool(jnp.allclose(x @ k2 + b2, y, rtol=1e-5, atol=1e-5))
+      True
+    """
+    kernel = jnp.asarray(kernel)
+    features = kernel.shape[-1]
+    mean = jnp.asarray(batch_stats["mean"])
+    var = jnp.asarray(batch_stats["var"])
+    params = params or {}
+    for name, value in (
+        ('batch_stats["mean"]', mean),
+        ('batch_stats["var"]', var),
+        ('params["scale"]', params.get("scale")),
+        ('params["bias"]', params.get("bias")),
+        ("bias", bias),
+    ):
+        if value is not None and jnp.shape(value) != (features,):
+            raise ValueError(
+                f"`{name}` has shape {jnp.shape(value)}, but the kernel's last (feature) "
+                f"axis has {features} features (kernel shape {kernel.shape})."
+            )
+    dtype = jnp.promote_types(kernel.dtype, jnp.float32)
+    a = jax.lax.rsqrt(var.astype(dtype) + epsilon)
+    if params.get("scale") is not None:
+        a = a * params["scale"]
+    z_bias = jnp.zeros(features, dtype) if bias is None else jnp.asarray(bias, dtype)
+    new_bias = (z_bias - mean) * a
+    if params.get("bias") is not None:
+        new_bias = new_bias + params["bias"]
+    return (kernel * a).astype(kernel.dtype), new_bias.astype(dtype)
+
+
+def batch_dependence(
+    apply_fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, key: jax.Array
+) -> float:
+    """How much any example's output depends on the rest of its batch.
+
+    Computes `apply_fn(x)` and again with each example's batch-mates replaced:
+    (1) the batch shuffled, (2) the second half of the batch replaced by other
+    data (the first half shuffled and perturbed with noise of the data's scale),
+    (3) for a few examples, a batch made of copies of that example alone. Returns
+    the largest change in any output element, relative to the standard deviation
+    of the outputs. A model in inference mode gives ~1e-6 (rounding only); in
+    training mode, or with a normalization layer left in training mode at
+    evaluation (the classic "predictions are bad when the images in a batch look
+    alike" bug), it is of order 1. Put `assert batch_dependence(...) < 1e-4` in
+    your tests.
+
+    Args:
+      apply_fn: maps a batch (leading axis) to outputs of the same batch size,
+        e.g. `lambda x: model.apply(variables, x, train=False)`.
+      x: a batch of at least 4 examples, ideally diverse.
+      key: a `jax.random` key for the shuffles and noise.
+
+    Returns:
+      The largest relative change, a Python float.
+
+    Example:
+      >>> import jax, jaxrenorm
+      >>> bn = jaxrenorm.linen.BatchNorm()
+      >>> x = jax.random.normal(jax.random.key(0), (16, 3))
+      >>> v = bn.init(jax.random.key(1), x, use_running_average=True)
+      >>> key = jax.random.key(2)
+      >>> jaxrenorm.batch_dependence(
+      ...     lambda x: bn.apply(v, x, use_running_average=True), x, key=key) < 1e-5
+      True
+      >>> jaxrenorm.batch_dependence(lambda x: bn.apply(v, x, use_running_average=False,
+      ...     mutable=["batch_stats"])[0], x, key=key) > 0.1
+      True
+    """
+    x = jnp.asarray(x)
+    n = x.shape[0]
+    if n < 4:
+        raise ValueError(f"`x` needs at least 4 examples to swap batch-mates, got shape {x.shape}.")
+    k1, k2, k3 = jax.random.split(key, 3)
+    base = jnp.asarray(apply_fn(x))
+    if base.shape[:1] != (n,):
+        raise ValueError(
+            f"`apply_fn` must keep the batch size: input shape {x.shape}, output {base.shape}."
+        )
+    scale = float(jnp.std(base)) or 1.0
+    worst = 0.0
+
+    perm = jax.random.permutation(k1, n)
+    shuffled = jnp.asarray(apply_fn(x[perm]))
+    worst = max(worst, float(jnp.max(jnp.abs(shuffled - base[perm]))))
+
+    half = n // 2
+    others = x[jax.random.permutation(k2, half)]
+    others = others + jax.random.normal(k3, others.shape, x.dtype) * jnp.std(x)
+    mixed = jnp.asarray(apply_fn(jnp.concatenate([x[:half], others, x[2 * half :]])))
+    worst = max(worst, float(jnp.max(jnp.abs(mixed[:half] - base[:half]))))
+
+    for i in range(min(n, 4)):
+        alone = jnp.asarray(apply_fn(jnp.repeat(x[i : i + 1], n, axis=0)))
+        worst = max(worst, float(jnp.max(jnp.abs(alone[0] - base[i]))))
+    return worst / scale

@@ -1,0 +1,114 @@
+"""PyTorch interoperability: BatchNorm state dicts and momentum conventions.
+
+PyTorch's `BatchNorm{1,2,3}d` keeps `weight` (scale), `bias`, `running_mean`,
+`running_var` (updated with the unbiased batch variance) and
+`num_batches_tracked`, and its momentum weighs the *new* batch:
+running = (1 - m) * running + m * batch, m = 0.1. Flax and jaxrenorm weigh the old
+value: running = m * running + (1 - m) * batch, m = 0.99. To reproduce a PyTorch
+layer: `momentum=momentum_from_torch(m)`, `epsilon=eps`, `bessel_correction=True`,
+and `axis=1` for NCHW inputs. torch is never imported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["from_torch_batch_norm", "momentum_from_torch", "momentum_to_torch"]
+
+
+def momentum_from_torch(momentum: float) -> float:
+    """PyTorch's momentum (weight of the new batch) to Flax's (weight of the old value).
+
+    Example:
+      >>> from jaxrenorm import interop
+      >>> round(interop.momentum_from_torch(0.1), 6)
+      0.9
+    """
+    if momentum is None:
+        raise ValueError(
+            "PyTorch's momentum=None (a cumulative average) has no exponential-moving-"
+            "average equivalent; use jaxrenorm.recalibrate for exact population statistics."
+        )
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"`momentum` must be in [0, 1], got {momentum}.")
+    return 1.0 - momentum
+
+
+def momentum_to_torch(momentum: float) -> float:
+    """Flax's momentum to PyTorch's: the inverse of `momentum_from_torch`.
+
+    Example:
+      >>> from jaxrenorm import interop
+      >>> round(interop.momentum_to_torch(0.99), 6)
+      0.01
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"`momentum` must be in [0, 1], got {momentum}.")
+    return 1.0 - momentum
+
+
+def _to_numpy(value: Any, key: str) -> np.ndarray:
+    if hasattr(value, "detach"):  # a torch.Tensor, without importing torch
+        value = value.detach().cpu().numpy()
+    array = np.asarray(value)
+    if array.ndim != 1:
+        raise ValueError(f"state_dict[{key!r}] must be one-dimensional, got shape {array.shape}.")
+    return array
+
+
+def from_torch_batch_norm(
+    state_dict: Mapping[str, Any], prefix: str = ""
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Converts a PyTorch `BatchNorm1d/2d/3d` state dict to `(params, batch_stats)`.
+
+    Args:
+      state_dict: `module.state_dict()` (tensors) or the same keys with NumPy
+        arrays: `running_mean`, `running_var`, and `weight`/`bias` when the layer
+        is affine (a missing one means no scale or no bias). `num_batches_tracked`
+        is ignored.
+      prefix: a key prefix, e.g. "layer1.bn1." for an entry of a whole model's
+        state dict.
+
+    Returns:
+      `params` with "scale"/"bias" (float32) for the entries present, and
+      `batch_stats` with "mean"/"var" (float32), ready for `jaxrenorm.batch_norm`
+      or the linen modules' variables. PyTorch's running variance is the
+      unbiased one; it is copied as is (inference uses it directly, as PyTorch
+      does).
+
+    Example:
+      >>> import numpy as np
+      >>> from jaxrenorm import interop
+      >>> sd = {"weight": np.ones(3), "bias": np.zeros(3), "running_mean": np.zeros(3),
+      ...       "running_var": np.ones(3), "num_batches_tracked": np.array(7)}
+      >>> params, stats = interop.from_torch_batch_norm(sd)
+      >>> sorted(params), sorted(stats), stats["var"].dtype
+      (['bias', 'scale'], ['mean', 'var'], dtype('float32'))
+    """
+    missing = [k for k in ("running_mean", "running_var") if prefix + k not in state_dict]
+    if missing:
+        raise ValueError(
+            f"state_dict has no {[prefix + k for k in missing]}; a BatchNorm created with "
+            "track_running_stats=False has no running statistics to import. "
+            f"Keys present: {sorted(state_dict)[:10]}."
+        )
+    stats = {
+        "mean": jnp.asarray(
+            _to_numpy(state_dict[prefix + "running_mean"], "running_mean"), jnp.float32
+        ),
+        "var": jnp.asarray(
+            _to_numpy(state_dict[prefix + "running_var"], "running_var"), jnp.float32
+        ),
+    }
+    params = {}
+    for ours, theirs in (("scale", "weight"), ("bias", "bias")):
+        if prefix + theirs in state_dict:
+            params[ours] = jnp.asarray(_to_numpy(state_dict[prefix + theirs], theirs), jnp.float32)
+    shapes = {k: v.shape for k, v in {**params, **stats}.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"state_dict entries have different shapes: {shapes}.")
+    return params, stats
