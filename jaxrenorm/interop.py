@@ -54,7 +54,10 @@ def momentum_to_torch(momentum: float) -> float:
 def _to_numpy(value: Any, key: str) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch.Tensor, without importing torch
         value = value.detach().cpu().numpy()
-    array = np.asarray(value)
+    # Copy: `.numpy()` shares memory with the tensor and JAX may alias a NumPy buffer
+    # on CPU, so PyTorch's in-place running-statistics updates would otherwise
+    # rewrite the imported arrays.
+    array = np.array(value, copy=True)
     if array.ndim != 1:
         raise ValueError(f"state_dict[{key!r}] must be one-dimensional, got shape {array.shape}.")
     return array

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import jaxrenorm
+from tests import reference
 
 
 def _hand_made():
@@ -75,3 +76,175 @@ def test_diagnostics_off_sow_nothing_and_eval_sows_nothing():
             variables, x, use_running_average=not train, mutable=["batch_stats", "intermediates"]
         )
         assert jaxrenorm.collect_diagnostics(upd) == {}
+
+
+# --- recalibrate ------------------------------------------------------------------
+
+
+def _pooled(chunks, masks=None):
+    """float64 mean and biased variance over all valid rows of all chunks."""
+    x = np.concatenate([np.asarray(c, np.float64).reshape(-1, c.shape[-1]) for c in chunks])
+    if masks is None:
+        return x.mean(0), x.var(0)
+    m = np.concatenate(
+        [
+            np.broadcast_to(mk, c.shape).reshape(-1, c.shape[-1])
+            for mk, c in zip(masks, chunks, strict=True)
+        ]
+    )
+    n = m.sum(0)
+    mean = (x * m).sum(0) / n
+    return mean, (((x - mean) ** 2) * m).sum(0) / n
+
+
+def test_recalibrate_one_layer_unequal_batches_offset_data():
+    rng = np.random.default_rng(0)
+    chunks = [jnp.asarray(rng.normal(size=(b, 5, 3)) * 2 + 1e3, jnp.float32) for b in (7, 32, 1)]
+    bn = jaxrenorm.linen.BatchRenorm(r_max=2.0, d_max=1.0)
+    variables = bn.init(jax.random.key(0), chunks[0], use_running_average=True)
+    new = jaxrenorm.recalibrate(bn, variables, chunks, use_running_average=False)
+    mean, var = _pooled(chunks)
+    np.testing.assert_allclose(new["batch_stats"]["mean"], mean, rtol=1e-7)
+    np.testing.assert_allclose(new["batch_stats"]["var"], var, rtol=1e-4)
+    assert jax.tree.structure(new) == jax.tree.structure(variables)
+    for a, b in zip(
+        jax.tree.leaves(new["params"]), jax.tree.leaves(variables["params"]), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_recalibrate_with_masks_counts_valid_elements():
+    rng = np.random.default_rng(1)
+    chunks = [jnp.asarray(rng.normal(size=(b, 2)) * 3 + 2, jnp.float32) for b in (6, 10)]
+    masks = [rng.random((b, 1)) < 0.5 for b in (6, 10)]
+    masks[0][0] = True
+
+    class Masked(nn.Module):
+        @nn.compact
+        def __call__(self, x, mask, train):
+            return jaxrenorm.linen.BatchNorm(use_running_average=not train)(x, mask=mask)
+
+    model = Masked()
+    variables = model.init(jax.random.key(0), chunks[0], masks[0], False)
+    new = jaxrenorm.recalibrate(
+        model, variables, [(c, m) for c, m in zip(chunks, masks, strict=True)], train=True
+    )
+    mean, var = _pooled(chunks, masks)
+    np.testing.assert_allclose(new["batch_stats"]["BatchNorm_0"]["mean"], mean, rtol=1e-6)
+    np.testing.assert_allclose(new["batch_stats"]["BatchNorm_0"]["var"], var, rtol=1e-5)
+
+
+def test_recalibrate_two_layers_against_the_reference():
+    """Upstream layers in training mode: layer 2 sees layer 1's batch-normalized output."""
+    rng = np.random.default_rng(2)
+    w = rng.normal(size=(3, 4))
+
+    class TwoLayers(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = jaxrenorm.linen.BatchNorm(use_running_average=not train)(x)
+            x = x @ jnp.asarray(w, jnp.float32) + 1.0
+            return jaxrenorm.linen.BatchRenorm(use_running_average=not train, r_max=1.5, d_max=0.5)(
+                x
+            )
+
+    chunks = [jnp.asarray(rng.normal(size=(b, 3)) * 2 - 1, jnp.float32) for b in (16, 24)]
+    model = TwoLayers()
+    variables = model.init(jax.random.key(0), chunks[0], False)
+    new = jaxrenorm.recalibrate(model, variables, chunks, train=True)
+    params = variables["params"]["BatchNorm_0"]
+    hidden = []
+    for c in chunks:
+        ref = reference.normalize(
+            np.asarray(c, np.float64),
+            params["scale"],
+            params["bias"],
+            np.zeros(3),
+            np.ones(3),
+            np.zeros(c.shape),
+        )
+        hidden.append(ref.y @ w + 1.0)
+    for layer, data in (("BatchNorm_0", chunks), ("BatchRenorm_0", hidden)):
+        mean, var = _pooled(data)
+        np.testing.assert_allclose(new["batch_stats"][layer]["mean"], mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(new["batch_stats"][layer]["var"], var, rtol=1e-5)
+    assert "steps" not in new["batch_stats"]["BatchRenorm_0"]
+
+
+def test_recalibrate_keeps_the_steps_counter_and_refuses_models_without_layers():
+    x = jnp.ones((8, 2))
+    brn = jaxrenorm.linen.BatchRenorm()
+    variables = brn.init(jax.random.key(0), x, use_running_average=True)
+    variables["batch_stats"]["steps"] = jnp.int32(123)
+    new = jaxrenorm.recalibrate(brn, variables, [x], use_running_average=False)
+    assert int(new["batch_stats"]["steps"]) == 123
+    dense = nn.Dense(2)
+    with pytest.raises(ValueError, match="no jaxrenorm normalization layer"):
+        jaxrenorm.recalibrate(dense, dense.init(jax.random.key(0), x), [x])
+
+
+# --- fold_batch_norm ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("layer", ["dense", "conv"])
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_fold_batch_norm(layer, use_bias):
+    rng = np.random.default_rng(3)
+    features = 5
+    module = (
+        nn.Dense(features, use_bias=use_bias)
+        if layer == "dense"
+        else nn.Conv(features, (3, 3), use_bias=use_bias)
+    )
+    x = jnp.asarray(rng.normal(size=(4, 6, 6, 3) if layer == "conv" else (4, 3)), jnp.float32)
+    lin_vars = module.init(jax.random.key(0), x)
+    p = lin_vars["params"]
+    norm_params = {"scale": rng.uniform(0.5, 2, features), "bias": rng.normal(size=features)}
+    stats = {"mean": rng.normal(size=features), "var": rng.uniform(0.1, 3, features)}
+    z = module.apply(lin_vars, x)
+    y = reference.normalize(
+        np.asarray(z, np.float64),
+        norm_params["scale"],
+        norm_params["bias"],
+        stats["mean"],
+        stats["var"],
+        np.zeros(z.shape),
+        train=False,
+    ).y
+    kernel, bias = jaxrenorm.fold_batch_norm(p["kernel"], p.get("bias"), norm_params, stats)
+    folded = (nn.Dense(features) if layer == "dense" else nn.Conv(features, (3, 3))).apply(
+        {"params": {"kernel": kernel, "bias": bias}}, x
+    )
+    np.testing.assert_allclose(folded, y, rtol=1e-5, atol=1e-5)
+
+
+def test_fold_batch_norm_checks_shapes():
+    with pytest.raises(ValueError, match=r'batch_stats\["mean"\].*\(4,\).*3 features'):
+        jaxrenorm.fold_batch_norm(
+            jnp.ones((2, 3)), None, {}, {"mean": jnp.zeros(4), "var": jnp.ones(3)}
+        )
+
+
+# --- batch_dependence ---------------------------------------------------------------
+
+
+def test_batch_dependence_separates_train_and_eval():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = nn.Dense(8)(x)
+            x = jaxrenorm.linen.BatchNorm(use_running_average=not train)(x)
+            return nn.Dense(2)(nn.relu(x))
+
+    x = jax.random.normal(jax.random.key(0), (16, 4)) * 2 + 1
+    net = Net()
+    variables = net.init(jax.random.key(1), x, False)
+    key = jax.random.key(2)
+    in_eval = jaxrenorm.batch_dependence(lambda x: net.apply(variables, x, False), x, key=key)
+    in_train = jaxrenorm.batch_dependence(
+        lambda x: net.apply(variables, x, True, mutable=["batch_stats"])[0], x, key=key
+    )
+    assert in_eval < 1e-5
+    assert in_train > 0.1
+    with pytest.raises(ValueError, match="at least 4"):
+        jaxrenorm.batch_dependence(lambda x: x, x[:2], key=key)
