@@ -248,3 +248,20 @@ def test_batch_dependence_separates_train_and_eval():
     assert in_train > 0.1
     with pytest.raises(ValueError, match="at least 4"):
         jaxrenorm.batch_dependence(lambda x: x, x[:2], key=key)
+
+
+def test_recalibrate_with_batches_sharded_over_devices():
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))
+    rng = np.random.default_rng(4)
+    chunks = [jnp.asarray(rng.normal(size=(16, 3)) * 2 + 7, jnp.float32) for _ in range(3)]
+    sharded = [jax.device_put(c, NamedSharding(mesh, P("data"))) for c in chunks]
+    assert len(sharded[0].sharding.device_set) == 8
+    bn = jaxrenorm.linen.BatchNorm()
+    variables = bn.init(jax.random.key(0), chunks[0], use_running_average=True)
+    new = jaxrenorm.recalibrate(bn, variables, sharded, progress=True, use_running_average=False)
+    mean, var = _pooled(chunks)
+    np.testing.assert_allclose(new["batch_stats"]["mean"], mean, rtol=1e-6)
+    np.testing.assert_allclose(new["batch_stats"]["var"], var, rtol=1e-5)
