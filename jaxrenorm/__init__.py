@@ -8,7 +8,7 @@ and Flax linen modules (`jaxrenorm.linen.BatchNorm`, a drop-in for
 `flax.linen.BatchNorm`, and `jaxrenorm.linen.BatchRenorm`).
 """
 
-from jaxrenorm import interop, linen, schedules
+from jaxrenorm import interop, linen, nnx, schedules
 from jaxrenorm._norm import batch_norm, batch_renorm, init_batch_stats
 from jaxrenorm._stats import moments
 from jaxrenorm.tools import batch_dependence, collect_diagnostics, fold_batch_norm, recalibrate
@@ -25,6 +25,7 @@ __all__ = [
     "interop",
     "linen",
     "moments",
+    "nnx",
     "recalibrate",
     "schedules",
 ]

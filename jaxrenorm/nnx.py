@@ -1,0 +1,196 @@
+"""Flax NNX modules. They hold variables; the math is in `jaxrenorm._norm`.
+
+`BatchNorm` mirrors `flax.nnx.BatchNorm` (constructor, `nnx.Param` `scale`/`bias`,
+`nnx.BatchStat` `mean`/`var`, `.train()` / `.eval()` and the call-time
+`use_running_average`); `BatchRenorm` adds the clipping bounds.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx import initializers
+from flax.nnx.module import first_from
+
+from jaxrenorm import schedules
+from jaxrenorm._norm import Renorm, _normalize, renorm_diagnostics
+
+__all__ = ["BatchNorm", "BatchRenorm"]
+
+Bound = float | Callable[[jax.Array], jax.Array]
+_ZEROS, _ONES = initializers.zeros_init(), initializers.ones_init()  # flax.nnx's defaults
+
+
+class BatchNorm(nnx.Module):
+    """Batch Normalization (Ioffe & Szegedy 2015), mirroring `flax.nnx.BatchNorm`.
+
+    The same constructor and variables as `flax.nnx.BatchNorm`, plus
+    `virtual_batch_size` and `bessel_correction` (see `jaxrenorm.batch_norm`). The
+    default variance is accurate on offset data, where Flax's is not.
+
+    Example:
+      >>> import jax, jaxrenorm
+      >>> from flax import nnx
+      >>> bn = jaxrenorm.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3)) + 4
+      >>> y = bn(x)  # training: batch statistics, running statistics updated
+      >>> bn.eval(); y = bn(x)  # inference: running statistics
+      >>> bool(bn.mean[...].mean() > 0.03)
+      True
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        use_running_average: bool | None = False,
+        axis: int = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-5,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        use_bias: bool = True,
+        use_scale: bool = True,
+        bias_init: Callable = _ZEROS,
+        scale_init: Callable = _ONES,
+        axis_name: str | None = None,
+        axis_index_groups: Any = None,
+        use_fast_variance: bool = True,
+        virtual_batch_size: int | None = None,
+        bessel_correction: bool = False,
+        rngs: nnx.Rngs,
+    ):
+        shape = (num_features,)
+        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+        self.scale = (
+            nnx.Param(scale_init(rngs.params(), shape, param_dtype))
+            if use_scale
+            else nnx.data(None)
+        )
+        self.bias = (
+            nnx.Param(bias_init(rngs.params(), shape, param_dtype)) if use_bias else nnx.data(None)
+        )
+        self.num_features = num_features
+        self.use_running_average = use_running_average
+        self.axis = axis
+        self.momentum = momentum
+        self.epsilon = epsilon
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_bias = use_bias
+        self.use_scale = use_scale
+        self.axis_name = axis_name
+        self.axis_index_groups = axis_index_groups
+        self.use_fast_variance = use_fast_variance
+        self.virtual_batch_size = virtual_batch_size
+        self.bessel_correction = bessel_correction
+
+    def _renorm(self) -> Renorm | None:
+        return None
+
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Normalizes `x`; the call-time `use_running_average` takes precedence."""
+        use_running_average = first_from(
+            use_running_average,
+            self.use_running_average,
+            error_msg="Pass `use_running_average` to the constructor or the call, or use "
+            "`.train()` / `.eval()`.",
+        )
+        params = {}
+        if self.scale is not None:
+            params["scale"] = self.scale[...]
+        if self.bias is not None:
+            params["bias"] = self.bias[...]
+        stats = {"mean": self.mean[...], "var": self.var[...]}
+        # As flax.nnx.BatchNorm: the output dtype is inferred from input and variables.
+        dtype = self.dtype if self.dtype is not None else jnp.result_type(x, *params.values())
+        y, new_stats, terms = _normalize(
+            x,
+            params,
+            stats,
+            use_running_average=use_running_average,
+            axis=self.axis,
+            momentum=self.momentum,
+            epsilon=self.epsilon,
+            axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups,
+            mask=mask,
+            use_fast_variance=self.use_fast_variance,
+            dtype=dtype,
+            virtual_batch_size=self.virtual_batch_size,
+            renorm=self._renorm(),
+            bessel_correction=self.bessel_correction,
+        )
+        if not use_running_average:
+            self.mean[...] = new_stats["mean"]
+            self.var[...] = new_stats["var"]
+            self._after_training_call(terms)
+        return y
+
+    def _after_training_call(self, terms) -> None:
+        pass
+
+
+class BatchRenorm(BatchNorm):
+    """Batch Renormalization (Ioffe 2017) as a Flax NNX module.
+
+    `BatchNorm`'s constructor plus `r_max` and `d_max` (floats or schedules
+    `step -> value`; the defaults are the paper's schedules), and
+    `grad_through_batch_moments` and `diagnostics` (see `jaxrenorm.linen.
+    BatchRenorm`). With a schedule the module holds an int32 `steps` BatchStat,
+    incremented once per training call. With `diagnostics=True` each training call
+    stores the dict of `jaxrenorm.linen.BatchRenorm`'s summaries in
+    `self.diagnostics_values`, an `nnx.Intermediate` (read it with `.get_value()`).
+
+    Example:
+      >>> import jax, jaxrenorm
+      >>> from flax import nnx
+      >>> brn = jaxrenorm.nnx.BatchRenorm(3, rngs=nnx.Rngs(0))
+      >>> y = brn(jax.random.normal(jax.random.key(0), (8, 3)))
+      >>> int(brn.steps[...])
+      1
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        r_max: Bound = schedules.PAPER_R_MAX,
+        d_max: Bound = schedules.PAPER_D_MAX,
+        grad_through_batch_moments: bool = True,
+        diagnostics: bool = False,
+        rngs: nnx.Rngs,
+        **kwargs: Any,
+    ):
+        super().__init__(num_features, rngs=rngs, **kwargs)
+        self.r_max = r_max
+        self.d_max = d_max
+        self.grad_through_batch_moments = grad_through_batch_moments
+        self.diagnostics = diagnostics
+        scheduled = callable(r_max) or callable(d_max)
+        self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32)) if scheduled else nnx.data(None)
+
+    def _renorm(self) -> Renorm:
+        r_max, d_max = self.r_max, self.d_max
+        if self.steps is not None:
+            step = self.steps[...]
+            r_max = r_max(step) if callable(r_max) else r_max
+            d_max = d_max(step) if callable(d_max) else d_max
+        return Renorm(r_max, d_max, self.grad_through_batch_moments)
+
+    def _after_training_call(self, terms) -> None:
+        if self.steps is not None:
+            self.steps[...] = self.steps[...] + 1
+        if self.diagnostics:
+            self.diagnostics_values = nnx.Intermediate(renorm_diagnostics(terms))
