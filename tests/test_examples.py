@@ -58,3 +58,15 @@ def test_small_batches_quick(tmp_path):
     assert "r clipped" in report
     png = (tmp_path / "small_batches.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_quickstart_nnx_trains():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "quickstart_nnx.py"), "--epochs", "3"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    ).stdout
+    accuracy = float(re.search(r"test accuracy: ([0-9.]+)", out).group(1))
+    assert accuracy > 0.9, out
