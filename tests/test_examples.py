@@ -8,26 +8,25 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_quickstart_trains():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart.py"), "--epochs", "3"],
+def _run_example(script: str, *args: str) -> str:
+    """Runs examples/<script> with `args` and returns its standard output."""
+    return subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), *args],
         capture_output=True,
         text=True,
         timeout=300,
         check=True,
     ).stdout
+
+
+def test_quickstart_trains():
+    out = _run_example("quickstart.py", "--epochs", "3")
     accuracy = float(re.search(r"test accuracy: ([0-9.]+)", out).group(1))
     assert accuracy > 0.9, out
 
 
 def test_data_parallel_runs_both_modes():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "data_parallel.py"), "--epochs", "2"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout
+    out = _run_example("data_parallel.py", "--epochs", "2")
     assert "8 devices" in out, out
     for mode in ("pmap", "sharded-jit"):
         accuracy = float(re.search(rf"\[{mode}\] test accuracy: ([0-9.]+)", out).group(1))
@@ -36,19 +35,7 @@ def test_data_parallel_runs_both_modes():
 
 
 def test_small_batches_quick(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "examples" / "small_batches.py"),
-            "--quick",
-            "--out-dir",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout
+    out = _run_example("small_batches.py", "--quick", "--out-dir", str(tmp_path))
     report = (tmp_path / "small_batches.md").read_text()
     assert report.strip() in out
     for method in ("BatchNorm", "BatchRenorm", "BatchRenorm, no grad through moments", "GroupNorm"):
@@ -61,12 +48,6 @@ def test_small_batches_quick(tmp_path):
 
 
 def test_quickstart_nnx_trains():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "quickstart_nnx.py"), "--epochs", "3"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout
+    out = _run_example("quickstart_nnx.py", "--epochs", "3")
     accuracy = float(re.search(r"test accuracy: ([0-9.]+)", out).group(1))
     assert accuracy > 0.9, out
