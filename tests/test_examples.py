@@ -26,11 +26,11 @@ def test_quickstart_trains():
 
 
 def test_data_parallel_runs_both_modes():
-    out = _run_example("data_parallel.py", "--epochs", "2")
+    out = _run_example("data_parallel.py", "--epochs", "1")
     assert "8 devices" in out, out
     for mode in ("pmap", "sharded-jit"):
         accuracy = float(re.search(rf"\[{mode}\] test accuracy: ([0-9.]+)", out).group(1))
-        assert accuracy > 0.85, out
+        assert accuracy > 0.8, out
         assert re.search(rf"\[{mode}\] throughput: [0-9,]+ examples/s", out), out
 
 
