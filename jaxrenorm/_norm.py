@@ -306,6 +306,27 @@ def renorm_diagnostics(terms: RenormTerms) -> dict[str, jax.Array]:
     }
 
 
+_LAYER_OPTIONS = (
+    "axis",
+    "momentum",
+    "epsilon",
+    "axis_name",
+    "axis_index_groups",
+    "use_fast_variance",
+    "virtual_batch_size",
+    "bessel_correction",
+)
+
+
+def layer_options(layer: Any, **overrides: Any) -> dict[str, Any]:
+    """The `_normalize` keywords a module stores under the same attribute names.
+
+    One mapping from module fields to the pure function's arguments, shared by the
+    linen and NNX modules.
+    """
+    return {name: getattr(layer, name) for name in _LAYER_OPTIONS} | overrides
+
+
 def _normalize(
     x: jax.Array,
     params: Params,

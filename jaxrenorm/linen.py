@@ -18,7 +18,7 @@ from flax.linen.module import merge_param
 
 from jaxrenorm import schedules
 from jaxrenorm._checks import Axes, check_input, check_layout
-from jaxrenorm._norm import Renorm, _normalize, batch_norm, renorm_diagnostics
+from jaxrenorm._norm import Renorm, _normalize, layer_options, renorm_diagnostics
 
 __all__ = ["BatchNorm", "BatchRenorm"]
 
@@ -65,19 +65,13 @@ class _Normalization(nn.Module):
         return x, params, (mean, var), dtype
 
     def _kwargs(self, use_running_average: bool, mask: jax.Array | None, dtype: Any) -> dict:
-        return dict(
+        return layer_options(
+            self,
             use_running_average=use_running_average,
-            axis=self.axis,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
+            mask=mask,
+            dtype=dtype,
             # As in Flax, the named axis need not exist while initializing.
             axis_name=None if self.is_initializing() else self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            use_fast_variance=self.use_fast_variance,
-            dtype=dtype,
-            virtual_batch_size=self.virtual_batch_size,
-            bessel_correction=self.bessel_correction,
         )
 
     def _write(self, running, new_stats: dict[str, jax.Array], use_running_average: bool) -> bool:
@@ -134,8 +128,8 @@ class BatchNorm(_Normalization):
         )
         x, params, running, dtype = self._variables(x)
         stats = {"mean": running[0].value, "var": running[1].value}
-        y, new_stats = batch_norm(
-            x, params, stats, **self._kwargs(use_running_average, mask, dtype)
+        y, new_stats, _ = _normalize(
+            x, params, stats, renorm=None, **self._kwargs(use_running_average, mask, dtype)
         )
         self._write(running, new_stats, use_running_average)
         return y

@@ -17,7 +17,7 @@ from flax.nnx import initializers
 from flax.nnx.module import first_from
 
 from jaxrenorm import schedules
-from jaxrenorm._norm import Renorm, _normalize, renorm_diagnostics
+from jaxrenorm._norm import Renorm, _normalize, layer_options, renorm_diagnostics
 
 __all__ = ["BatchNorm", "BatchRenorm"]
 
@@ -119,18 +119,8 @@ class BatchNorm(nnx.Module):
             x,
             params,
             stats,
-            use_running_average=use_running_average,
-            axis=self.axis,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            use_fast_variance=self.use_fast_variance,
-            dtype=dtype,
-            virtual_batch_size=self.virtual_batch_size,
             renorm=self._renorm(),
-            bessel_correction=self.bessel_correction,
+            **layer_options(self, use_running_average=use_running_average, mask=mask, dtype=dtype),
         )
         if not use_running_average:
             self.mean[...] = new_stats["mean"]
