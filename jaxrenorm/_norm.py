@@ -34,6 +34,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jaxrenorm._checks import (
     Axes,
     check_batch_stats,
+    check_feature_array,
     check_input,
     check_layout,
     check_mask,
@@ -41,7 +42,7 @@ from jaxrenorm._checks import (
     check_scalar,
     check_virtual_batch,
 )
-from jaxrenorm._stats import Moments, compute_moments, stats_dtype
+from jaxrenorm._stats import Moments, compute_moments, merge_moments, stats_dtype
 
 Params = Mapping[str, jax.Array | None] | None
 BatchStats = Mapping[str, jax.Array]
@@ -273,6 +274,102 @@ def batch_renorm(
     )[:2]
 
 
+def instance_renorm(
+    x: jax.Array,
+    params: Params,
+    batch_stats: BatchStats,
+    *,
+    use_running_average: bool,
+    axis: Axes = -1,
+    momentum: float = 0.99,
+    epsilon: float = 1e-5,
+    axis_name: str | None = None,
+    axis_index_groups: Any = None,
+    mask: jax.Array | None = None,
+    use_fast_variance: bool = True,
+    dtype: jnp.dtype | None = None,
+    virtual_batch_size: int | None = None,
+    bessel_correction: bool = False,
+    r_max: float | jax.Array = 3.0,
+    d_max: float | jax.Array = 5.0,
+    grad_through_batch_moments: bool = True,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    r"""Batch Renormalization mixed with instance normalization by a learned gate rho.
+
+    Axis 0 is the batch, `axis` the features and every other axis spatial. With
+    BRN(x) = (x - mu_B) / s_B * r + d the batch-renormalized input (running
+    statistics at inference, as in `batch_renorm`) and IN(x) = (x - mu_i) / s_i
+    normalized per example i and feature over the spatial axes
+    (s_i = sqrt(var_i + eps)):
+
+    .. math::
+        y = \gamma \big(\rho\, \mathrm{BRN}(x) + (1 - \rho)\, \mathrm{IN}(x)\big) + \beta
+
+    with rho per feature, used as clip(rho, 0, 1). The two branches are affine maps
+    of each other: BN(x) = r_i IN(x) + d_i with r_i = s_i / s_B and
+    d_i = (mu_i - mu_B) / s_B, so rho interpolates between per-example and
+    per-batch statistics, as in batch-instance normalization (Nam & Kim 2018),
+    with a batch branch that is renormalized (so training matches inference).
+    rho = 1 is `batch_renorm`; rho = 0 is instance normalization with the affine
+    map. The running statistics are those of `batch_renorm`, from one pass over
+    the data (the batch moments are merged from the per-example ones). At
+    inference the batch branch uses the running statistics, so each example's
+    output depends on that example only.
+
+    The gradient of rho is 0 where a descent step would push it further out of
+    [0, 1] and passes otherwise, so rho is never stuck at a bound (a custom VJP;
+    forward-mode differentiation with respect to rho is therefore not available,
+    while jvp with respect to x, gamma and beta works). Weight decay on rho pulls
+    it towards instance normalization; exclude it as you would a bias.
+
+    Args:
+      x: input of rank >= 3: batch, spatial axes and features (e.g. NHWC).
+      params: `"rho"` (required), optional `"scale"` and `"bias"`, all feature-shaped.
+      batch_stats, use_running_average, axis, momentum, epsilon, axis_name,
+      axis_index_groups, mask, use_fast_variance, dtype, virtual_batch_size,
+      bessel_correction, r_max, d_max, grad_through_batch_moments: as in
+        `batch_renorm`; they concern the batch branch (`mask` also selects the
+        elements of each instance's statistics). `axis` must not include axis 0.
+
+    Returns:
+      `(y, new_batch_stats)`, as `batch_renorm`.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxrenorm
+      >>> x = jax.random.normal(jax.random.key(0), (4, 5, 5, 3))
+      >>> params = {"rho": jnp.full(3, 0.5), "scale": jnp.ones(3), "bias": jnp.zeros(3)}
+      >>> stats = jaxrenorm.init_batch_stats(3)
+      >>> y, stats = jaxrenorm.instance_renorm(x, params, stats, use_running_average=False)
+      >>> y.shape
+      (4, 5, 5, 3)
+    """
+    if not isinstance(params, Mapping) or params.get("rho") is None:
+        got = sorted(params) if isinstance(params, Mapping) else type(params)
+        raise ValueError(
+            f'`params` must hold the gate "rho" (feature-shaped) for instance_renorm, got {got}.'
+        )
+    params = dict(params)
+    rho = params.pop("rho")
+    return _normalize(
+        x,
+        params,
+        batch_stats,
+        use_running_average=use_running_average,
+        axis=axis,
+        momentum=momentum,
+        epsilon=epsilon,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+        use_fast_variance=use_fast_variance,
+        dtype=dtype,
+        virtual_batch_size=virtual_batch_size,
+        renorm=Renorm(r_max, d_max, grad_through_batch_moments),
+        bessel_correction=bessel_correction,
+        instance=rho,
+    )[:2]
+
+
 class Renorm(NamedTuple):
     """Batch Renormalization's settings; `_normalize` does plain BatchNorm without them."""
 
@@ -344,9 +441,13 @@ def _normalize(
     virtual_batch_size: int | None,
     renorm: Renorm | None,
     bessel_correction: bool = False,
+    instance: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], RenormTerms | None]:
-    """The shared body of `batch_norm` (renorm=None) and `batch_renorm`.
+    """The shared body of `batch_norm` (renorm=None), `batch_renorm` and `instance_renorm`.
 
+    `instance`, if given, is the gate rho (feature-shaped): the output mixes the
+    batch branch with instance normalization over the spatial axes (see
+    `instance_renorm`), and the batch moments are merged from the per-example ones.
     Returns the output, the new batch statistics and, for a renorm training call,
     the r and d terms (for diagnostics).
     """
@@ -361,6 +462,16 @@ def _normalize(
         mask = check_mask(mask, x.shape)
     if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
         raise TypeError(f"`dtype` must be a floating-point dtype, got {dtype}.")
+    example_axes: tuple[int, ...] = ()
+    if instance is not None:
+        instance = check_feature_array(instance, 'params["rho"]', feature_shape, x.shape, axis)
+        if 0 in feature_axes or len(reduction_axes) < 2:
+            raise ValueError(
+                "Instance normalization needs axis 0 as the batch axis and at least one "
+                "spatial axis (neither batch nor feature), e.g. an input of shape (N, H, W, C) "
+                f"with axis=-1; got an input of shape {x.shape} with axis={axis!r}."
+            )
+        example_axes = (0,)
     if renorm is not None:
         check_scalar(renorm.r_max, "r_max", 1.0)
         check_scalar(renorm.d_max, "d_max", 0.0)
@@ -384,7 +495,14 @@ def _normalize(
         )
         a = lax.rsqrt(var_k + epsilon)
         a = a if scale_k is None else a * scale_k
-        y = _plus((x.astype(cdtype) - mean_k) * a, bias_k)
+        xc = x.astype(cdtype)
+        if instance is None:
+            y = _plus((xc - mean_k) * a, bias_k)
+        else:
+            spatial = tuple(ax for ax in reduction_axes if ax not in example_axes)
+            parts = compute_moments(x, spatial, mask=mask, use_fast_variance=use_fast_variance)
+            gate = _unit_gate(_per_feature(x.shape, reduction_axes, (instance, rdtype))[0])
+            y = _mix_instance(xc, mask, mean_k, a, bias_k, parts, gate, scale_k, bias_k, epsilon)
         return y.astype(out_dtype), dict(batch_stats), None
 
     # Inference ignores virtual batches, so an eval batch of any size is fine.
@@ -397,29 +515,37 @@ def _normalize(
         # statistics, and every other axis shifts by one.
         xw = x.reshape(x.shape[0] // virtual_batch_size, virtual_batch_size, *x.shape[1:])
         reduction_axes = (1, *(a + 1 for a in reduction_axes if a != 0))
+        example_axes = (1,) if instance is not None else ()
         mask = None if mask is None else _group_mask(mask, x.shape, virtual_batch_size)
         axis_name = None  # groups are local to each device
-    mean_k, var_k, scale_k, bias_k = _per_feature(
+    mean_k, var_k, scale_k, bias_k, rho_k = _per_feature(
         xw.shape,
         (0, *reduction_axes) if grouped else reduction_axes,
         (run_mean, cdtype),
         (run_var, rdtype),
         (scale, rdtype),
         (bias, cdtype),
+        (instance, rdtype),
     )
 
-    def core(xw, mean_k, var_k, scale_k, bias_k, mask, clip):
+    def core(xw, mean_k, var_k, scale_k, bias_k, rho_k, mask, clip):
         # Across devices the shift must be the same everywhere: the running mean is.
         shift = lax.stop_gradient(mean_k) if axis_name is not None else None
-        m = compute_moments(
-            xw,
-            reduction_axes,
+        options = dict(
             axis_name=axis_name,
             axis_index_groups=axis_index_groups,
-            mask=mask,
             use_fast_variance=use_fast_variance,
             shift=shift,
         )
+        if rho_k is None:
+            m = compute_moments(xw, reduction_axes, mask=mask, **options)
+        else:
+            # One pass over the data: per-example moments (each with its own shift, so
+            # an example's small spread survives its offset), merged into the batch's.
+            spatial = tuple(ax for ax in reduction_axes if ax not in example_axes)
+            parts = compute_moments(xw, spatial, mask=mask, use_fast_variance=use_fast_variance)
+            parts = Moments(*(_per_feature_value(v) for v in parts))
+            m = merge_moments(parts, example_axes, **options)
         m = Moments(*(_per_feature_value(v) for v in m))
         if renorm is not None and not renorm.grad_through_batch_moments:
             m = m._replace(offset=lax.stop_gradient(m.offset), var=lax.stop_gradient(m.var))
@@ -443,16 +569,20 @@ def _normalize(
             a = a * scale_k
             b = None if b is None else b * scale_k
         a, b = _per_feature_value(a), _per_feature_value(_plus(b, bias_k))
+        # y = ((x - k) - m1) * a + b, written so that the backward pass needs only the
+        # per-feature sums of g and of g * (x - k): the cotangent of the per-feature
+        # offset b - m1 * a is sum(g), shared with the bias gradient.
+        c = _per_feature_value(_plus(b, -m.offset * a))
         xc = xw.astype(cdtype)
+        if rho_k is not None:
+            gate = _unit_gate(rho_k)
+            y = _mix_instance(xc, mask, m.shift, a, c, parts, gate, scale_k, bias_k, epsilon)
+            return y, m, terms
         if mask is not None:
             # A masked position that is not finite would put 0 * NaN into the gradient
             # of a and b even when the loss ignores it; normalize the shift there.
             xc = jnp.where(mask | jnp.isfinite(xc), xc, m.shift)
-        # y = ((x - k) - m1) * a + b, written so that the backward pass needs only the
-        # per-feature sums of g and of g * (x - k): the cotangent of the per-feature
-        # offset b - m1 * a is sum(g), shared with the bias gradient.
-        y = (xc - m.shift) * a + _per_feature_value(_plus(b, -m.offset * a))
-        return y, m, terms
+        return (xc - m.shift) * a + c, m, terms
 
     clip = None if renorm is None else (renorm.r_max, renorm.d_max)
     # Rematerialize the full-size intermediates in the backward pass from x instead
@@ -460,12 +590,68 @@ def _normalize(
     # expression inside the backward's fused loops is free, and storing it is not.
     # Only per-feature values are saved (see `_per_feature_value`).
     core = jax.checkpoint(core, policy=_SAVE_PER_FEATURE, prevent_cse=True)
-    y, m, terms = core(xw, mean_k, var_k, scale_k, bias_k, mask, clip)
+    y, m, terms = core(xw, mean_k, var_k, scale_k, bias_k, rho_k, mask, clip)
     y = y.reshape(x.shape)
     new_stats = _update_running(
         batch_stats, run_mean, run_var, m, momentum, grouped, bessel_correction
     )
     return y.astype(out_dtype), new_stats, terms
+
+
+def _mix_instance(
+    xc: jax.Array,
+    mask: jax.Array | None,
+    shift: jax.Array,
+    a: jax.Array,
+    c: jax.Array | None,
+    parts: Moments,
+    gate: jax.Array,
+    scale_k: jax.Array | None,
+    bias_k: jax.Array | None,
+    epsilon: float,
+) -> jax.Array:
+    """rho * y_B + (1 - rho) * (scale * IN(x) + bias), as one multiply-add per element.
+
+    The batch branch is y_B = (x - shift) * a + c (scale and bias included); the
+    instance branch normalizes each example with its own moments `parts`. Both are
+    affine in x, so the mix is (x - k_i) * A_i + C_i with per-example, per-feature
+    coefficients, centred on each example's own shift k_i for accuracy.
+    """
+    a_in = lax.rsqrt(parts.var + epsilon)
+    a_in = a_in if scale_k is None else a_in * scale_k
+    a_mix = _per_feature_value(gate * a + (1 - gate) * a_in)
+    c_batch = _plus((parts.shift - shift) * a, c)
+    c_mix = _per_feature_value(gate * c_batch + (1 - gate) * _plus(-parts.offset * a_in, bias_k))
+    if mask is not None:
+        # As in the batch-only path: no 0 * NaN from masked positions reaches gradients.
+        xc = jnp.where(mask | jnp.isfinite(xc), xc, parts.shift)
+    return (xc - parts.shift) * a_mix + c_mix
+
+
+@jax.custom_vjp
+def _unit_gate(rho: jax.Array) -> jax.Array:
+    """clip(rho, 0, 1), whose gradient is never stuck at the bounds.
+
+    Plain clipping has zero gradient outside [0, 1], so a gate that one optimizer
+    step pushes to 1.001 would stay there for good. Here the gradient passes
+    wherever a descent step moves rho towards [0, 1] (or within it) and is 0 where
+    it would push rho further out: projected gradient descent (Nam & Kim 2018 clip
+    rho after each update) without touching the optimizer.
+    """
+    return jnp.clip(rho, 0, 1)
+
+
+def _unit_gate_fwd(rho: jax.Array) -> tuple[jax.Array, jax.Array]:
+    return jnp.clip(rho, 0, 1), rho
+
+
+def _unit_gate_bwd(rho: jax.Array, g: jax.Array) -> tuple[jax.Array]:
+    # A descent step moves rho by -g: inward when rho > 1 and g > 0, or rho < 0 and g < 0.
+    inward = ((rho >= 0) & (rho <= 1)) | ((rho > 1) & (g > 0)) | ((rho < 0) & (g < 0))
+    return (jnp.where(inward, g, jnp.zeros_like(g)),)
+
+
+_unit_gate.defvjp(_unit_gate_fwd, _unit_gate_bwd)
 
 
 _PER_FEATURE = "jaxrenorm_per_feature"

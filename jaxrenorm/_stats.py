@@ -168,6 +168,61 @@ def compute_moments(
     return Moments(shift=k, offset=offset, var=var, count=count)
 
 
+def merge_moments(
+    parts: Moments,
+    axes: tuple[int, ...],
+    *,
+    axis_name: str | None = None,
+    axis_index_groups=None,
+    use_fast_variance: bool = True,
+    shift: jax.Array | None = None,
+) -> Moments:
+    """Moments over `axes` (and devices) of data whose moments per index of `axes` are `parts`.
+
+    `parts` holds the moments of disjoint parts of the data (e.g. of each example,
+    over its spatial axes), each with its own shift; the result is what
+    `compute_moments` would return over the union, without reading the data
+    again. Each part's mean is taken relative to a common reference point K
+    (`shift` if given, the same on every device of `axis_name`; else the first
+    part's shift), so nothing subtracts large absolute values:
+
+        o_j = (k_j - K) + offset_j,   mean = K + sum n_j o_j / n,
+        var = sum n_j (var_j + |o_j - o|^2) / n   (law of total variance).
+
+    The fast path sums (n, n o, n (var + |o|^2)) in one all-reduce and subtracts
+    |o|^2 once, which is accurate while K is within a few standard deviations of
+    the mean; the exact path sums the deviations from o with a second all-reduce.
+    """
+    if shift is None:
+        index = tuple(slice(0, 1) if i in axes else slice(None) for i in range(parts.shift.ndim))
+        shift = parts.shift[index]
+    k = lax.stop_gradient(jnp.broadcast_to(shift, _reduced(parts.shift.shape, axes)))
+    n = parts.count
+    o = (parts.shift - k) + parts.offset
+
+    def total(v):
+        return jnp.sum(v, axis=axes, keepdims=True)
+
+    if use_fast_variance:
+        count, s1, s2 = _all_sum(
+            [total(n), total(n * o), total(n * (parts.var + _abs_sq(o)))],
+            axis_name,
+            axis_index_groups,
+        )
+        safe = jnp.maximum(count, 1)
+        offset = s1 / safe
+        var = jnp.maximum(s2 / safe - _abs_sq(offset), 0)
+    else:
+        count, s1 = _all_sum([total(n), total(n * o)], axis_name, axis_index_groups)
+        safe = jnp.maximum(count, 1)
+        offset = s1 / safe
+        (s2,) = _all_sum(
+            [total(n * (parts.var + _abs_sq(o - offset)))], axis_name, axis_index_groups
+        )
+        var = s2 / safe
+    return Moments(shift=k, offset=offset, var=var, count=count)
+
+
 def _reduced(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(1 if i in axes else s for i, s in enumerate(shape))
 

@@ -190,3 +190,84 @@ def _virtual(x, scale, bias, mean, var, g, mask, v, kw):
         r=None if parts[0].r is None else np.stack([p.r for p in parts]),
         d=None if parts[0].d is None else np.stack([p.d for p in parts]),
     )
+
+
+def instance_renorm(
+    x,
+    scale,
+    bias,
+    rho,
+    mean,
+    var,
+    g,
+    *,
+    axis=-1,
+    train=True,
+    momentum=0.99,
+    eps=1e-5,
+    mask=None,
+    r_max=None,
+    d_max=None,
+    grad_through_batch_moments=True,
+    virtual_batch_size=None,
+    bessel_correction=False,
+):
+    """y = scale * (rho * BRN(x) + (1 - rho) * IN(x)) + bias, rho clipped to [0, 1].
+
+    BRN is `normalize` without the affine map (running statistics at inference);
+    IN(x) normalizes each example over its spatial axes, i.e. BatchNorm on a
+    "batch" of one example, which is `normalize` with virtual batches of 1. Both
+    branches are linear in their upstream gradient, so dx is the sum of the two
+    branches' dx with upstream g * scale * rho and g * scale * (1 - rho).
+    Returns a `Result` with an extra attribute `drho`.
+    """
+    x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    fa, ra = split_axes(x.ndim, axis)
+    fshape = np.shape(mean)
+    gamma, beta = keep(scale, x.shape, fa), keep(bias, x.shape, fa)
+    gate = keep(np.clip(rho, 0.0, 1.0), x.shape, fa)
+    ones, zeros = np.ones(fshape), np.zeros(fshape)
+    batch = normalize(
+        x,
+        ones,
+        zeros,
+        mean,
+        var,
+        g * gamma * gate,
+        axis=axis,
+        train=train,
+        momentum=momentum,
+        eps=eps,
+        mask=mask,
+        r_max=r_max,
+        d_max=d_max,
+        grad_through_batch_moments=grad_through_batch_moments,
+        virtual_batch_size=virtual_batch_size,
+        bessel_correction=bessel_correction,
+    )
+    inst = normalize(
+        x,
+        ones,
+        zeros,
+        zeros,
+        ones,
+        g * gamma * (1 - gate),
+        axis=axis,
+        train=True,
+        eps=eps,
+        mask=mask,
+        virtual_batch_size=1,
+    )
+    mixed = gate * batch.y + (1 - gate) * inst.y
+    result = Result(
+        y=gamma * mixed + beta,
+        new_mean=batch.new_mean,
+        new_var=batch.new_var,
+        dx=batch.dx + inst.dx,
+        dscale=(g * mixed).sum(axis=ra).reshape(fshape),
+        dbias=g.sum(axis=ra).reshape(fshape),
+        r=batch.r,
+        d=batch.d,
+    )
+    result.drho = (g * gamma * (batch.y - inst.y)).sum(axis=ra).reshape(fshape)
+    return result
