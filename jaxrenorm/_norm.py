@@ -28,8 +28,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxrenorm._checks import (
     Axes,
@@ -42,7 +45,13 @@ from jaxrenorm._checks import (
     check_scalar,
     check_virtual_batch,
 )
-from jaxrenorm._stats import Moments, compute_moments, merge_moments, stats_dtype
+from jaxrenorm._stats import (
+    Moments,
+    compute_moments,
+    explicit_sharding,
+    merge_moments,
+    stats_dtype,
+)
 
 Params = Mapping[str, jax.Array | None] | None
 BatchStats = Mapping[str, jax.Array]
@@ -513,7 +522,7 @@ def _normalize(
     if grouped:
         # (N, ...) -> (N / v, v, ...): axis 0 indexes groups, which keep their own
         # statistics, and every other axis shifts by one.
-        xw = x.reshape(x.shape[0] // virtual_batch_size, virtual_batch_size, *x.shape[1:])
+        xw = _split_groups(x, virtual_batch_size)
         reduction_axes = (1, *(a + 1 for a in reduction_axes if a != 0))
         example_axes = (1,) if instance is not None else ()
         mask = None if mask is None else _group_mask(mask, x.shape, virtual_batch_size)
@@ -591,7 +600,8 @@ def _normalize(
     # Only per-feature values are saved (see `_per_feature_value`).
     core = jax.checkpoint(core, policy=_SAVE_PER_FEATURE, prevent_cse=True)
     y, m, terms = core(xw, mean_k, var_k, scale_k, bias_k, rho_k, mask, clip)
-    y = y.reshape(x.shape)
+    if grouped:
+        y = _merge_groups(y)
     new_stats = _update_running(
         batch_stats, run_mean, run_var, m, momentum, grouped, bessel_correction
     )
@@ -686,10 +696,36 @@ def _per_feature(
 
 def _group_mask(mask: jax.Array, x_shape: tuple[int, ...], v: int) -> jax.Array:
     """A mask broadcastable to x, reshaped like x into (N / v, v, ...)."""
-    mask = mask.reshape((1,) * (len(x_shape) - mask.ndim) + mask.shape)
-    if mask.shape[0] == 1:
-        return mask.reshape(1, 1, *mask.shape[1:])
-    return mask.reshape(x_shape[0] // v, v, *mask.shape[1:])
+    mask = mask[(None,) * (len(x_shape) - mask.ndim)]
+    return mask[:, None] if mask.shape[0] == 1 else _split_groups(mask, v)
+
+
+def _split_groups(a: jax.Array, v: int) -> jax.Array:
+    """(N, ...) -> (N / v, v, ...), keeping an explicit sharding of axis 0 on the groups."""
+    shape = (a.shape[0] // v, v, *a.shape[1:])
+    mesh, spec = explicit_sharding(a)
+    if mesh is None or spec[0] is None:
+        return a.reshape(shape)
+    names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
+    shards = int(np.prod([mesh.shape[name] for name in names]))
+    if shape[0] % shards:
+        raise ValueError(
+            f"`virtual_batch_size`={v} splits the batch of {a.shape[0]} into {shape[0]} "
+            f"groups, which cannot be spread evenly over the {shards} shards of axis 0 "
+            f"(sharded over {spec[0]!r}); choose a size that makes the number of groups a "
+            f"multiple of {shards}, e.g. {a.shape[0] // shards}."
+        )
+    out = NamedSharding(mesh, P(spec[0], None, *spec[1:]))
+    return lax.reshape(a, shape, out_sharding=out)
+
+
+def _merge_groups(a: jax.Array) -> jax.Array:
+    """(G, v, ...) -> (G * v, ...), the inverse of `_split_groups`."""
+    shape = (a.shape[0] * a.shape[1], *a.shape[2:])
+    mesh, spec = explicit_sharding(a)
+    if mesh is None:
+        return a.reshape(shape)
+    return lax.reshape(a, shape, out_sharding=NamedSharding(mesh, P(spec[0], *spec[2:])))
 
 
 def _plus(u: jax.Array | None, v: jax.Array | None) -> jax.Array | None:

@@ -37,12 +37,14 @@ error at 6e-6 too (the exact two-pass, normalizing by x - mean, has 1.4e-3).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxrenorm._checks import canonical_axes, check_input, check_mask
 
@@ -72,13 +74,46 @@ def stats_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def explicit_sharding(a: jax.Array) -> tuple[Any, tuple]:
+    """(mesh, spec) of an array sharded along explicit mesh axes, else (None, ()).
+
+    Explicit axes (`jax.make_mesh`'s default type) are part of the array's type,
+    and JAX refuses slices and reshapes of such axes whose output sharding it
+    cannot infer; the few places that slice or reshape the batch axis use this
+    to state it. The mesh is the concrete one outside jit (op-by-op), the
+    abstract one inside.
+    """
+    spec = tuple(getattr(getattr(jax.typeof(a), "sharding", None), "spec", None) or ())
+    if not any(part is not None for part in spec):
+        return None, ()
+    concrete = None if isinstance(a, jax.core.Tracer) else getattr(a, "sharding", None)
+    mesh = getattr(concrete, "mesh", None) or jax.typeof(a).sharding.mesh
+    return mesh, spec + (None,) * (a.ndim - len(spec))
+
+
+def _first(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """x at index 0 of each of `axes` (kept, size 1).
+
+    An explicitly sharded axis is indexed by a gather whose output is replicated
+    along that axis (JAX will not slice it without being told the sharding).
+    """
+    mesh, spec = explicit_sharding(x)
+    for a in axes:
+        if mesh is not None and spec[a] is not None:
+            spec = (*spec[:a], None, *spec[a + 1 :])
+            index = (slice(None),) * a + (jnp.zeros(1, jnp.int32),)
+            x = x.at[index].get(out_sharding=NamedSharding(mesh, P(*spec)))
+        else:
+            x = lax.slice_in_dim(x, 0, 1, axis=a)
+    return x
+
+
 def _first_element(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> jax.Array:
     """x at index 0 of every reduced axis, or 0 where that element is masked or not finite."""
-    index = tuple(slice(0, 1) if i in axes else slice(None) for i in range(x.ndim))
-    k = x[index]
+    k = _first(x, axes)
     ok = jnp.isfinite(k)
     if mask is not None:
-        ok &= jnp.broadcast_to(mask, x.shape)[index]
+        ok &= _first(jnp.broadcast_to(mask, x.shape), axes)
     return jnp.where(ok, k, jnp.zeros_like(k))
 
 
@@ -194,8 +229,7 @@ def merge_moments(
     the mean; the exact path sums the deviations from o with a second all-reduce.
     """
     if shift is None:
-        index = tuple(slice(0, 1) if i in axes else slice(None) for i in range(parts.shift.ndim))
-        shift = parts.shift[index]
+        shift = _first(parts.shift, axes)
     k = lax.stop_gradient(jnp.broadcast_to(shift, _reduced(parts.shift.shape, axes)))
     n = parts.count
     o = (parts.shift - k) + parts.offset

@@ -20,7 +20,7 @@ from jaxrenorm import schedules
 from jaxrenorm._checks import Axes, check_input, check_layout
 from jaxrenorm._norm import Renorm, _normalize, layer_options, renorm_diagnostics
 
-__all__ = ["BatchNorm", "BatchRenorm"]
+__all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm"]
 
 Initializer = Callable[..., jax.Array]
 Bound = float | Callable[[jax.Array], jax.Array]
@@ -200,6 +200,7 @@ class BatchRenorm(_Normalization):
             params,
             stats,
             renorm=Renorm(r_max, d_max, self.grad_through_batch_moments),
+            instance=self._gate(running[0].value.shape),
             **self._kwargs(use_running_average, mask, dtype),
         )
         if self._write(running, new_stats, use_running_average):
@@ -209,3 +210,40 @@ class BatchRenorm(_Normalization):
                 for name, value in renorm_diagnostics(terms).items():
                     self.sow("intermediates", name, value)
         return y
+
+    def _gate(self, feature_shape: tuple[int, ...]) -> jax.Array | None:
+        """The instance-normalization gate rho; BatchRenorm has none."""
+        return None
+
+
+class InstanceRenorm(BatchRenorm):
+    """Batch Renormalization mixed with instance normalization by a learned gate.
+
+    y = scale * (rho * BRN(x) + (1 - rho) * IN(x)) + bias, with BRN the
+    batch-renormalized branch of `BatchRenorm` (same running statistics, bounds,
+    schedules and `steps`) and IN(x) each example normalized over its spatial
+    axes; rho is a per-feature parameter used as clip(rho, 0, 1). Axis 0 is the
+    batch and every axis that is neither batch nor feature is spatial, so the
+    input needs rank >= 3 (e.g. NHWC, or NCHW with `axis=1`). At inference each
+    example's output depends on that example only. rho = 1 is `BatchRenorm`,
+    rho = 0 instance normalization followed by the affine map. The math is
+    `jaxrenorm.instance_renorm`'s, where the derivation is.
+
+    Attributes (beyond `BatchRenorm`'s):
+      rho_init: initializer of `params["rho"]` (feature shape, `param_dtype`);
+        0.5 by default, an even mix.
+
+    Example:
+      >>> import jax, jaxrenorm
+      >>> layer = jaxrenorm.linen.InstanceRenorm(use_running_average=False)
+      >>> x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> variables["params"]["rho"].tolist()
+      [0.5, 0.5, 0.5]
+      >>> y, updates = layer.apply(variables, x, mutable=["batch_stats"])
+    """
+
+    rho_init: Initializer = initializers.constant(0.5)
+
+    def _gate(self, feature_shape: tuple[int, ...]) -> jax.Array:
+        return self.param("rho", self.rho_init, feature_shape, self.param_dtype)

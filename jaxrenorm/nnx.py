@@ -2,7 +2,8 @@
 
 `BatchNorm` mirrors `flax.nnx.BatchNorm` (constructor, `nnx.Param` `scale`/`bias`,
 `nnx.BatchStat` `mean`/`var`, `.train()` / `.eval()` and the call-time
-`use_running_average`); `BatchRenorm` adds the clipping bounds.
+`use_running_average`); `BatchRenorm` adds the clipping bounds and
+`InstanceRenorm` the gate between batch and instance statistics.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from flax.nnx.module import first_from
 from jaxrenorm import schedules
 from jaxrenorm._norm import Renorm, _normalize, layer_options, renorm_diagnostics
 
-__all__ = ["BatchNorm", "BatchRenorm"]
+__all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm"]
 
 Bound = float | Callable[[jax.Array], jax.Array]
 _ZEROS, _ONES = initializers.zeros_init(), initializers.ones_init()  # flax.nnx's defaults
+_HALF = initializers.constant(0.5)
 
 
 class BatchNorm(nnx.Module):
@@ -93,6 +95,9 @@ class BatchNorm(nnx.Module):
     def _renorm(self) -> Renorm | None:
         return None
 
+    def _gate(self) -> jax.Array | None:
+        return None
+
     def __call__(
         self,
         x: jax.Array,
@@ -120,6 +125,7 @@ class BatchNorm(nnx.Module):
             params,
             stats,
             renorm=self._renorm(),
+            instance=self._gate(),
             **layer_options(self, use_running_average=use_running_average, mask=mask, dtype=dtype),
         )
         if not use_running_average:
@@ -184,3 +190,35 @@ class BatchRenorm(BatchNorm):
             self.steps[...] = self.steps[...] + 1
         if self.diagnostics:
             self.diagnostics_values = nnx.Intermediate(renorm_diagnostics(terms))
+
+
+class InstanceRenorm(BatchRenorm):
+    """Batch Renormalization mixed with instance normalization, as a Flax NNX module.
+
+    `BatchRenorm`'s constructor plus `rho_init` (default: 0.5 everywhere); the
+    gate is the `nnx.Param` `rho` of shape `(num_features,)`. See
+    `jaxrenorm.linen.InstanceRenorm` and, for the math, `jaxrenorm.instance_renorm`.
+    Inputs need a batch axis, at least one spatial axis and the features (rank >= 3).
+
+    Example:
+      >>> import jax, jaxrenorm
+      >>> from flax import nnx
+      >>> layer = jaxrenorm.nnx.InstanceRenorm(3, rngs=nnx.Rngs(0))
+      >>> y = layer(jax.random.normal(jax.random.key(0), (4, 6, 6, 3)))
+      >>> layer.rho[...].tolist()
+      [0.5, 0.5, 0.5]
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        rho_init: Callable = _HALF,
+        rngs: nnx.Rngs,
+        **kwargs: Any,
+    ):
+        super().__init__(num_features, rngs=rngs, **kwargs)
+        self.rho = nnx.Param(rho_init(rngs.params(), (num_features,), self.param_dtype))
+
+    def _gate(self) -> jax.Array:
+        return self.rho[...]

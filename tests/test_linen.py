@@ -356,3 +356,89 @@ def test_modules_with_virtual_batches_match_reference(grad_through):
         np.testing.assert_allclose(upd["batch_stats"]["var"], ref.new_var, rtol=2e-5)
         np.testing.assert_allclose(dx, ref.dx, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(dp["scale"], ref.dscale, rtol=1e-4, atol=1e-4)
+
+
+# --- InstanceRenorm ---------------------------------------------------------------
+
+
+def test_instance_renorm_module_trains_like_the_reference():
+    """Variables, three training steps (outputs, statistics, gradients) and inference."""
+    x0 = _x((4, 5, 5, 3), seed=14)
+    layer = jaxrenorm.linen.InstanceRenorm(r_max=1.5, d_max=0.5, momentum=0.8)
+    variables = layer.init(jax.random.key(0), x0, use_running_average=False)
+    assert jax.tree.map(jnp.shape, variables) == {
+        "params": {"scale": (3,), "bias": (3,), "rho": (3,)},
+        "batch_stats": {"mean": (3,), "var": (3,)},
+    }
+    np.testing.assert_array_equal(variables["params"]["rho"], [0.5, 0.5, 0.5])
+    variables = _randomize(variables)
+    params = {**variables["params"], "rho": jnp.asarray([0.0, 0.3, 1.0])}
+    stats = variables["batch_stats"]
+
+    def loss(params, stats, x, g):
+        y, upd = layer.apply(
+            {"params": params, "batch_stats": stats},
+            x,
+            use_running_average=False,
+            mutable=["batch_stats"],
+        )
+        return jnp.sum(y * g), (y, upd["batch_stats"])
+
+    step = jax.jit(jax.value_and_grad(loss, (0, 2), has_aux=True))
+    for i in range(3):
+        x = _x((4, 5, 5, 3), seed=20 + i, offset=i)
+        g = jax.random.normal(jax.random.key(30 + i), x.shape)
+        (_, (y, new_stats)), (dp, dx) = step(params, stats, x, g)
+        p = params
+        ref = reference.instance_renorm(
+            x,
+            p["scale"],
+            p["bias"],
+            p["rho"],
+            stats["mean"],
+            stats["var"],
+            g,
+            momentum=0.8,
+            r_max=1.5,
+            d_max=0.5,
+        )
+        np.testing.assert_allclose(y, ref.y, rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(new_stats["mean"], ref.new_mean, rtol=2e-5, atol=1e-6)
+        np.testing.assert_allclose(new_stats["var"], ref.new_var, rtol=2e-5)
+        np.testing.assert_allclose(dx, ref.dx, rtol=1e-4, atol=1e-4)
+        for name, want in [("scale", ref.dscale), ("bias", ref.dbias), ("rho", ref.drho)]:
+            np.testing.assert_allclose(dp[name], want, rtol=1e-4, atol=1e-4, err_msg=name)
+        stats = new_stats
+    x = _x((2, 5, 5, 3), seed=40)
+    y = layer.apply({"params": params, "batch_stats": stats}, x, use_running_average=True)
+    p, s = params, stats
+    ref = reference.instance_renorm(
+        x, p["scale"], p["bias"], p["rho"], s["mean"], s["var"], x, train=False
+    )
+    np.testing.assert_allclose(y, ref.y, rtol=2e-5, atol=2e-5)
+
+
+def test_instance_renorm_module_ends_and_errors():
+    x = _x((4, 3, 5, 5), seed=15)  # NCHW
+    brn = jaxrenorm.linen.BatchRenorm(axis=1)
+    irn = jaxrenorm.linen.InstanceRenorm(axis=1, rho_init=nn.initializers.ones)
+    v_brn = brn.init(jax.random.key(0), x, False)
+    v_irn = irn.init(jax.random.key(0), x, False)
+    assert int(v_irn["batch_stats"]["steps"]) == 0  # the paper's schedule by default
+    for i in range(2):  # rho = 1: BatchRenorm, step by step (statistics and `steps`)
+        xi = _x(x.shape, seed=16 + i, offset=i)
+        y_brn, upd_brn = brn.apply(v_brn, xi, False, mutable=["batch_stats"])
+        y_irn, upd_irn = irn.apply(v_irn, xi, False, mutable=["batch_stats"])
+        np.testing.assert_allclose(y_irn, y_brn, rtol=1e-5, atol=1e-5)
+        _tree_allclose(upd_irn, upd_brn, rtol=1e-6, atol=1e-6)
+        v_brn, v_irn = {**v_brn, **upd_brn}, {**v_irn, **upd_irn}
+    # rho = 0: instance normalization, the same in training and inference.
+    v0 = {**v_irn, "params": {**v_irn["params"], "rho": jnp.zeros(3)}}
+    xd = np.asarray(x, np.float64)
+    mu, var = xd.mean((2, 3), keepdims=True), xd.var((2, 3), keepdims=True)
+    want = (xd - mu) / np.sqrt(var + 1e-5)
+    for train in (True, False):
+        y = irn.apply(v0, x, not train, mutable=["batch_stats"])[0]
+        np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match=r"spatial axis.*\(8, 3\)"):
+        jaxrenorm.linen.InstanceRenorm().init(jax.random.key(0), jnp.ones((8, 3)), False)

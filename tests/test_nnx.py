@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import jaxrenorm
 from tests import reference
@@ -55,6 +56,11 @@ def test_variables_and_steps_match_flax_nnx():
                 d_max=jaxrenorm.schedules.d_max_schedule(1.0, begin=1, end=2),
                 grad_through_batch_moments=False,
             ),
+        ),
+        (
+            jaxrenorm.linen.InstanceRenorm,
+            jaxrenorm.nnx.InstanceRenorm,
+            dict(r_max=1.5, d_max=0.5, rho_init=nnx.initializers.constant(0.3)),
         ),
     ],
 )
@@ -181,6 +187,38 @@ def test_nnx_vmap_ensemble_and_pmap_axis_name():
     )
     np.testing.assert_allclose(np.asarray(y).reshape(-1, 3), ref.y, rtol=2e-5, atol=2e-5)
     np.testing.assert_allclose(new_state["var"][...][3], ref.new_var, rtol=2e-5)
+
+
+def test_nnx_shard_map_instance_renorm_matches_whole_batch():
+    """nnx.shard_map with an axis name: statistics of the global batch, one update."""
+    mesh = jax.make_mesh((8,), ("batch",))
+    x = _batches(1, shape=(16, 5, 3), seed=6)[0]
+    xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("batch")))
+    model = jaxrenorm.nnx.InstanceRenorm(
+        3, axis_name="batch", r_max=1.5, d_max=0.5, momentum=0.9, rngs=nnx.Rngs(0)
+    )
+
+    @nnx.shard_map(mesh=mesh, in_specs=(P(), P("batch")), out_specs=P("batch"))
+    def train_step(model, x):
+        return model(x)
+
+    y = train_step(model, xs)
+    n = np.ones(3)
+    ref = reference.instance_renorm(
+        np.asarray(x),
+        n,
+        0 * n,
+        0.5 * n,
+        0 * n,
+        n,
+        np.zeros(x.shape),
+        momentum=0.9,
+        r_max=1.5,
+        d_max=0.5,
+    )
+    np.testing.assert_allclose(y, ref.y, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(model.mean[...], ref.new_mean, rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(model.var[...], ref.new_var, rtol=2e-5)
 
 
 _ = (functools, nn)

@@ -28,17 +28,22 @@ KINDS = {
     "brn": (jaxrenorm.batch_renorm, {"r_max": 1.5, "d_max": 0.5}),
     # n / (n - 1) with n the global valid count: counts must cross devices too.
     "bn_bessel": (jaxrenorm.batch_norm, {"bessel_correction": True}),
+    # Per-example moments merged into the batch's: the same single all-reduce.
+    "irn": (jaxrenorm.instance_renorm, {"r_max": 1.5, "d_max": 0.5}),
 }
+PMAP_KINDS = ["bn", "brn", "bn_bessel"]
 # Every mode runs BN and BRN; the Bessel correction (which only adds the global
 # count) runs under pmap and shard_map, which keep the suite's time in budget.
 BASIC = ["bn", "brn"]
 
 
-def _problem(seed=0, mask_kind=None):
+def _problem(seed=0, mask_kind=None, kind="bn"):
     rng = np.random.default_rng(seed)
     x = rng.normal(size=SHAPE) * 2 + 3
     x += np.repeat(rng.normal(size=(D, 1, 1, 1)) * 2, B, axis=0).reshape(D * B, 1, 1)
     params = {"scale": rng.uniform(0.5, 1.5, 3), "bias": rng.normal(size=3)}
+    if kind == "irn":
+        params["rho"] = rng.uniform(0.0, 1.0, 3)
     stats = {"mean": rng.normal(size=3) + 3, "var": rng.uniform(0.5, 3.0, 3)}
     g = rng.normal(size=SHAPE)
     mask = None
@@ -55,9 +60,23 @@ def _problem(seed=0, mask_kind=None):
     return x, params, stats, g, mask
 
 
-def _reference(kind, x, params, stats, g, mask, momentum=0.99):
-    kw = KINDS[kind][1]
+def _reference(kind, x, params, stats, g, mask, momentum=0.99, **extra):
+    kw = KINDS[kind][1] | extra
     x_ref = np.where(mask, x, 0.0) if mask is not None else x  # masked values unused
+    if kind == "irn":
+        p = params
+        return reference.instance_renorm(
+            x_ref,
+            p["scale"],
+            p["bias"],
+            p["rho"],
+            stats["mean"],
+            stats["var"],
+            g,
+            mask=mask,
+            momentum=momentum,
+            **kw,
+        )
     return reference.normalize(
         x_ref,
         params["scale"],
@@ -85,6 +104,8 @@ def _check(y, new, grads, ref, mask):
     np.testing.assert_allclose(dx[valid], ref.dx[valid], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(grads[1]["scale"], ref.dscale, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(grads[1]["bias"], ref.dbias, rtol=1e-4, atol=1e-4)
+    if "rho" in grads[1]:
+        np.testing.assert_allclose(grads[1]["rho"], ref.drho, rtol=1e-4, atol=1e-4)
     for leaf in jax.tree.leaves((y, new, grads)):
         assert np.all(np.isfinite(leaf))
 
@@ -104,7 +125,7 @@ MASKS = [None, "unequal", "one_device_empty"]
 
 
 @pytest.mark.parametrize("mask_kind", MASKS)
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", PMAP_KINDS)
 def test_pmap(kind, mask_kind):
     x, params, stats, g, mask = _problem(1, mask_kind)
     fn, kw = KINDS[kind]
@@ -125,7 +146,7 @@ def test_pmap(kind, mask_kind):
 @pytest.mark.parametrize("mask_kind", MASKS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_shard_map(kind, mask_kind):
-    x, params, stats, g, mask = _problem(2, mask_kind)
+    x, params, stats, g, mask = _problem(2, mask_kind, kind)
     fn, kw = KINDS[kind]
     mesh = Mesh(np.array(jax.devices()[:D]), ("data",))
     m = jnp.ones((D * B, 1, 1), bool) if mask is None else jnp.asarray(mask)
@@ -142,9 +163,9 @@ def test_shard_map(kind, mask_kind):
 
 
 @pytest.mark.parametrize("mask_kind", MASKS)
-@pytest.mark.parametrize("kind", BASIC)
+@pytest.mark.parametrize("kind", [*BASIC, "irn"])
 def test_sharded_jit_needs_no_axis_name(kind, mask_kind):
-    x, params, stats, g, mask = _problem(3, mask_kind)
+    x, params, stats, g, mask = _problem(3, mask_kind, kind)
     fn, kw = KINDS[kind]
     mesh = Mesh(np.array(jax.devices()[:D]), ("data",))
     shard = NamedSharding(mesh, P("data"))
@@ -158,6 +179,46 @@ def test_sharded_jit_needs_no_axis_name(kind, mask_kind):
 
     y, new, grads = _global_loss(run, xs, _f32(params), g)
     _check(y, new, grads, _reference(kind, x, params, stats, g, mask), mask)
+
+
+@pytest.mark.parametrize("virtual", [None, B], ids=["batch", "virtual"])
+@pytest.mark.parametrize("kind", ["bn", "brn", "irn"])
+def test_explicitly_sharded_jit(kind, virtual):
+    """`jax.make_mesh`'s default (explicit) axis types: sharding is part of the types.
+
+    JAX refuses to slice or reshape an explicitly sharded axis unless told the
+    output sharding, which the first-element shift and virtual groups need.
+    """
+    x, params, stats, g, mask = _problem(6, "unequal", kind)
+    fn, kw = KINDS[kind]
+    mesh = jax.make_mesh((D,), ("data",))
+    assert mesh.axis_types == (jax.sharding.AxisType.Explicit,)
+    shard = NamedSharding(mesh, P("data"))
+    xs = jax.device_put(jnp.asarray(x, jnp.float32), shard)
+    ms = jax.device_put(jnp.asarray(mask), shard)
+
+    @jax.jit
+    def run(x, params):
+        return fn(
+            x,
+            params,
+            _f32(stats),
+            use_running_average=False,
+            mask=ms,
+            virtual_batch_size=virtual,
+            **kw,
+        )
+
+    with jax.set_mesh(mesh):  # eager work on explicitly sharded arrays needs the mesh
+        y, new, grads = _global_loss(run, xs, _f32(params), g)
+    assert y.sharding.spec[0] == "data"
+    ref = _reference(kind, x, params, stats, g, mask, virtual_batch_size=virtual)
+    _check(y, new, grads, ref, mask)
+    too_big = functools.partial(
+        fn, params=_f32(params), batch_stats=_f32(stats), use_running_average=False, **kw
+    )
+    with pytest.raises(ValueError, match=r"into 4 groups.*over the 8 shards"):
+        jax.jit(too_big, static_argnames="virtual_batch_size")(xs, virtual_batch_size=8)
 
 
 @pytest.mark.parametrize("mask_kind", MASKS)
@@ -270,8 +331,9 @@ def _count_all_reduces(compiled_text: str) -> int:
         jaxrenorm.linen.BatchNorm,
         functools.partial(jaxrenorm.linen.BatchRenorm, r_max=2.0, d_max=1.0),
         jaxrenorm.linen.BatchRenorm,  # with schedules and a steps counter
+        jaxrenorm.linen.InstanceRenorm,
     ],
-    ids=["bn", "brn", "brn_scheduled"],
+    ids=["bn", "brn", "brn_scheduled", "irn"],
 )
 def test_one_all_reduce_per_layer_forward_and_at_most_two_with_backward(norm, masked):
     model = TwoLayers(norm)
