@@ -11,16 +11,20 @@ the examples that provide the normalization statistics change:
   terrible when the images in a batch look alike).
 
 Methods: BatchNorm; BatchRenorm with the paper's schedule scaled to the run;
-BatchRenorm with `grad_through_batch_moments=False`; and flax.linen.GroupNorm,
-which uses no batch statistics, as the reference. Every model is evaluated on the
-(i.i.d.) test set with the running statistics. The seeds of a configuration train
-side by side under `jax.vmap`, and each training run is one `lax.scan`.
+BatchRenorm with `grad_through_batch_moments=False`; InstanceRenorm (a learned
+per-feature mix of BatchRenorm and instance normalization, in the conv layers;
+the dense layer has no spatial axis and keeps BatchRenorm); and
+flax.linen.GroupNorm, which uses no batch statistics, as the reference. Every
+model is evaluated on the (i.i.d.) test set with the running statistics. The
+seeds of a configuration train side by side under `jax.vmap`, and each training
+run is one `lax.scan`.
 
 Writes a Markdown table (mean and std over seeds) and a PNG plot to --out-dir and
 prints the table, plus how often BatchRenorm's clipping was active late in
-training. Default: 3 seeds x 1,500 steps, about 5 minutes on 2 CPU cores;
+training, and the learned InstanceRenorm gates. Default: 3 seeds x 1,500 steps,
+about 12 minutes on 2 CPU cores;
 `--quick` (1 seed, 150 steps, the two settings with groups of 4) is a smoke
-test of well under a minute.
+test of about a minute.
 
 Run: `python examples/small_batches.py [--quick] [--seeds 3] [--steps 1500]`.
 """
@@ -55,41 +59,50 @@ BATCH = 32
 
 
 def methods(total_steps: int) -> dict[str, Callable[[int], Callable[..., nn.Module]]]:
-    """Each method maps a virtual batch size to a factory `norm(train) -> module`."""
+    """Each method maps a virtual batch size to a factory `norm(train, spatial) -> module`."""
     r_max, d_max = jaxrenorm.schedules.scaled_paper_schedules(total_steps)
 
-    def renorm(v, grad_through=True):
-        return lambda train: jaxrenorm.linen.BatchRenorm(
-            use_running_average=not train,
-            virtual_batch_size=v,
-            r_max=r_max,
-            d_max=d_max,
-            grad_through_batch_moments=grad_through,
-            diagnostics=True,
-        )
+    def renorm(v, grad_through=True, instance=False):
+        def make(train, spatial):
+            cls = (
+                jaxrenorm.linen.InstanceRenorm
+                if instance and spatial
+                else jaxrenorm.linen.BatchRenorm
+            )
+            return cls(
+                use_running_average=not train,
+                virtual_batch_size=v,
+                r_max=r_max,
+                d_max=d_max,
+                grad_through_batch_moments=grad_through,
+                diagnostics=True,
+            )
+
+        return make
 
     return {
         "BatchNorm": lambda v: (
-            lambda train: jaxrenorm.linen.BatchNorm(
+            lambda train, spatial: jaxrenorm.linen.BatchNorm(
                 use_running_average=not train, virtual_batch_size=v
             )
         ),
         "BatchRenorm": renorm,
         "BatchRenorm, no grad through moments": functools.partial(renorm, grad_through=False),
-        "GroupNorm": lambda v: lambda train: nn.GroupNorm(num_groups=4),
+        "InstanceRenorm": functools.partial(renorm, instance=True),
+        "GroupNorm": lambda v: lambda train, spatial: nn.GroupNorm(num_groups=4),
     }
 
 
 class CNN(nn.Module):
-    norm: Callable[[bool], nn.Module]
+    norm: Callable[[bool, bool], nn.Module]
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         for features in (16, 32):
             x = nn.Conv(features, (3, 3), use_bias=False)(x)
-            x = nn.max_pool(nn.relu(self.norm(train)(x)), (2, 2), strides=(2, 2))
+            x = nn.max_pool(nn.relu(self.norm(train, True)(x)), (2, 2), strides=(2, 2))
         x = nn.Dense(64, use_bias=False)(x.reshape(x.shape[0], -1))
-        x = nn.relu(self.norm(train)(x))
+        x = nn.relu(self.norm(train, False)(x))
         return nn.Dense(10)(x)
 
 
@@ -110,7 +123,10 @@ def batch_indices(y: np.ndarray, steps: int, v: int, one_class: bool, rng) -> np
 
 
 def trainer(norm, data, steps: int):
-    """A jitted function (seeds, indices) -> (test accuracies, late clipping diagnostics).
+    """A jitted function (seeds, indices) -> (test accuracies, late clipping diagnostics, rho).
+
+    rho holds the (mean, min, max) of the learned gates of the InstanceRenorm layers
+    (NaN without any).
 
     One model per seed, trained side by side under vmap; each run is one lax.scan.
     """
@@ -154,7 +170,14 @@ def trainer(norm, data, steps: int):
         logits = model.apply({"params": params, **state}, x_test, train=False)
         accuracy = jnp.mean(jnp.argmax(logits, -1) == y_test)
         late = {k: v[-(steps // 4) :].mean() for k, v in diag.items()}  # last quarter
-        return accuracy, late
+        gates = [
+            jnp.clip(leaf, 0, 1)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+            if jax.tree_util.keystr(path).endswith("['rho']")
+        ]
+        gates = jnp.concatenate(gates) if gates else jnp.full(1, jnp.nan)
+        rho = jnp.stack([gates.mean(), gates.min(), gates.max()])
+        return accuracy, late, rho
 
     return jax.jit(jax.vmap(run))
 
@@ -219,7 +242,7 @@ def main() -> None:
     y_train = data[2]
     all_methods = methods(args.steps)
     seeds = np.arange(args.seeds)
-    results, diagnostics = {}, {}
+    results, diagnostics, gates = {}, {}, {}
     settings = {k: SETTINGS[k] for k in (QUICK_SETTINGS if args.quick else SETTINGS)}
     runs = [(m, s) for s in settings for m in all_methods]
     trainers = {}  # one compilation per method and virtual batch size
@@ -231,8 +254,10 @@ def main() -> None:
             trainers[key] = trainer(all_methods[method](v), data, args.steps)
         rng = np.random.default_rng(1234)  # the same batches for every method
         indices = np.stack([batch_indices(y_train, args.steps, v, one_class, rng) for _ in seeds])
-        acc, late = trainers[key](jnp.asarray(seeds), jnp.asarray(indices))
+        acc, late, rho = trainers[key](jnp.asarray(seeds), jnp.asarray(indices))
         results[(method, setting)] = np.asarray(acc)
+        if not np.isnan(rho).any():
+            gates[setting] = np.asarray(rho)
         if late:
             diagnostics[(method, setting)] = {k: np.asarray(d) for k, d in late.items()}
     elapsed = time.perf_counter() - start
@@ -257,7 +282,23 @@ def main() -> None:
             *clip_lines,
         ]
     )
-    report = f"{table}\n\n{about}\n\n{clipping}\n"
+    gate_lines = "\n".join(
+        [
+            "Learned InstanceRenorm gate rho over the conv layers' features, mean "
+            "[min, max] over features and seeds (0.5 at the start; 1 = batch statistics, "
+            "0 = instance statistics):",
+            "",
+            "| " + " | ".join(gates) + " |",
+            "|" + "---|" * len(gates),
+            "| "
+            + " | ".join(
+                f"{g[:, 0].mean():.2f} [{g[:, 1].min():.2f}, {g[:, 2].max():.2f}]"
+                for g in gates.values()
+            )
+            + " |",
+        ]
+    )
+    report = f"{table}\n\n{about}\n\n{gate_lines}\n\n{clipping}\n"
     print("\n" + report)
     (args.out_dir / "small_batches.md").write_text(report)
     title = about.replace("; ", "\n", 1)

@@ -38,11 +38,23 @@ def test_small_batches_quick(tmp_path):
     out = _run_example("small_batches.py", "--quick", "--out-dir", str(tmp_path))
     report = (tmp_path / "small_batches.md").read_text()
     assert report.strip() in out
-    for method in ("BatchNorm", "BatchRenorm", "BatchRenorm, no grad through moments", "GroupNorm"):
+    methods = (
+        "BatchNorm",
+        "BatchRenorm",
+        "BatchRenorm, no grad through moments",
+        "InstanceRenorm",
+        "GroupNorm",
+    )
+    for method in methods:
         row = re.search(rf"^\| {re.escape(method)} \| (.*) \|$", report, flags=re.M)
         cells = row.group(1).split(" | ")
         assert len(cells) == 2 and all(re.fullmatch(r"\d+\.\d ± \d+\.\d", c) for c in cells), row
     assert "r clipped" in report
+    # The learned gate, mean [min, max], inside [0, 1], per setting.
+    gates = re.findall(r"(\d\.\d\d) \[(\d\.\d\d), (\d\.\d\d)\]", report)
+    assert len(gates) == 2 and all(
+        0 <= float(lo) <= float(m) <= float(hi) <= 1 for m, lo, hi in gates
+    )
     png = (tmp_path / "small_batches.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 

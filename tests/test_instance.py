@@ -73,13 +73,15 @@ def _assert_matches(got, ref, tol=2e-5, grad_tol=1e-4, rows=slice(None)):
 @pytest.mark.parametrize(("shape", "axis"), CASES)
 @pytest.mark.parametrize(
     "mode",
-    ["eval", "train", "train_clipped", "two_pass"],
+    ["eval", "train", "train_clipped", "two_pass", "no_grad_through_moments"],
 )
 def test_matches_reference(shape, axis, mode):
     x, params, stats, g = _data(shape, axis, seed=1, offset=2.0)
     bounds = {"r_max": 1.2, "d_max": 0.3} if mode == "train_clipped" else {"r_max": 5.0}
     bounds.setdefault("d_max", 5.0)
     kw = dict(axis=axis, momentum=0.9, **bounds)
+    if mode == "no_grad_through_moments":
+        kw["grad_through_batch_moments"] = False
     got = _run(
         x,
         params,
