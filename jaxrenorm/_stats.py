@@ -99,7 +99,9 @@ def _first(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """
     mesh, spec = explicit_sharding(x)
     for a in axes:
-        if mesh is not None and spec[a] is not None:
+        if x.shape[a] == 0:  # an empty batch: any shift will do
+            x = jnp.zeros((*x.shape[:a], 1, *x.shape[a + 1 :]), x.dtype)
+        elif mesh is not None and spec[a] is not None:
             spec = (*spec[:a], None, *spec[a + 1 :])
             index = (slice(None),) * a + (jnp.zeros(1, jnp.int32),)
             x = x.at[index].get(out_sharding=NamedSharding(mesh, P(*spec)))

@@ -51,6 +51,17 @@ class _Normalization(nn.Module):
         x = check_input(x)
         feature_axes, _ = check_layout(x.shape, self.axis)
         feature_shape = tuple(x.shape[a] for a in feature_axes)
+        if not self.is_initializing():
+            missing = [n for n in ("mean", "var") if not self.has_variable("batch_stats", n)]
+            if missing:
+                # Flax would silently start them from 0 and 1 when the collection is
+                # mutable: a checkpoint that lost its statistics must not train on.
+                raise ValueError(
+                    f"{type(self).__name__} {self.name!r}: the variables passed to `apply` "
+                    f"have no batch_stats {missing} for this layer (input shape {x.shape}). "
+                    "Pass the variables returned by `init` or restored from a checkpoint, "
+                    "including the 'batch_stats' collection."
+                )
         # Flax keeps the running statistics in float32 unless told otherwise.
         stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
         mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, stats_dtype)
@@ -187,13 +198,17 @@ class BatchRenorm(_Normalization):
         )
         x, params, running, dtype = self._variables(x)
         scheduled = callable(self.r_max) or callable(self.d_max)
-        steps = (
-            self.variable("batch_stats", "steps", jnp.zeros, (), jnp.int32) if scheduled else None
-        )
+        steps, step = None, jnp.zeros((), jnp.int32)
+        # A checkpoint without `steps` (e.g. written by flax.linen.BatchNorm) counts
+        # from 0: created when the statistics are mutable, read as 0 otherwise.
+        if scheduled and (
+            self.has_variable("batch_stats", "steps") or self.is_mutable_collection("batch_stats")
+        ):
+            steps = self.variable("batch_stats", "steps", jnp.zeros, (), jnp.int32)
+            step = steps.value
         r_max, d_max = self.r_max, self.d_max
-        if steps is not None:
-            r_max = r_max(steps.value) if callable(r_max) else r_max
-            d_max = d_max(steps.value) if callable(d_max) else d_max
+        r_max = r_max(step) if callable(r_max) else r_max
+        d_max = d_max(step) if callable(d_max) else d_max
         stats = {"mean": running[0].value, "var": running[1].value}
         y, new_stats, terms = _normalize(
             x,
