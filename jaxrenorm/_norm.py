@@ -75,13 +75,15 @@ def init_batch_stats(
       >>> jax_stats["mean"].tolist(), jax_stats["var"].tolist()
       ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
     """
-    shape = (feature_shape,) if isinstance(feature_shape, int) else tuple(feature_shape)
-    if not all(isinstance(s, int) and s >= 0 for s in shape):
+    is_int = lambda s: isinstance(s, int | np.integer) and not isinstance(s, bool)  # noqa: E731
+    shape = (feature_shape,) if not isinstance(feature_shape, Sequence) else tuple(feature_shape)
+    if not all(is_int(s) and s >= 0 for s in shape):
         raise ValueError(
             f"`feature_shape` must be a non-negative int or tuple of them, got {feature_shape!r}."
         )
+    shape = tuple(int(s) for s in shape)
     if not jnp.issubdtype(dtype, jnp.inexact):
-        raise TypeError(f"`dtype` must be floating point, got {dtype}.")
+        raise TypeError(f"`dtype` must be floating point, got {jnp.dtype(dtype).name}.")
     return {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, dtype)}
 
 
@@ -470,7 +472,7 @@ def _normalize(
     if mask is not None:
         mask = check_mask(mask, x.shape)
     if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
-        raise TypeError(f"`dtype` must be a floating-point dtype, got {dtype}.")
+        raise TypeError(f"`dtype` must be a floating-point dtype, got {jnp.dtype(dtype).name}.")
     example_axes: tuple[int, ...] = ()
     if instance is not None:
         instance = check_feature_array(instance, 'params["rho"]', feature_shape, x.shape, axis)

@@ -95,7 +95,8 @@ def from_torch_batch_norm(
     missing = [k for k in ("running_mean", "running_var") if prefix + k not in state_dict]
     if missing:
         raise ValueError(
-            f"state_dict has no {[prefix + k for k in missing]}; a BatchNorm created with "
+            f"state_dict has no {[prefix + k for k in missing]}: check `prefix` (the "
+            "submodule's name followed by a dot, e.g. 'bn1.'); a BatchNorm created with "
             "track_running_stats=False has no running statistics to import. "
             f"Keys present: {sorted(state_dict)[:10]}."
         )

@@ -56,8 +56,9 @@ class _Normalization(nn.Module):
             if missing:
                 # Flax would silently start them from 0 and 1 when the collection is
                 # mutable: a checkpoint that lost its statistics must not train on.
+                layer = "(the top-level module)" if self.name is None else repr(self.name)
                 raise ValueError(
-                    f"{type(self).__name__} {self.name!r}: the variables passed to `apply` "
+                    f"{type(self).__name__} {layer}: the variables passed to `apply` "
                     f"have no batch_stats {missing} for this layer (input shape {x.shape}). "
                     "Pass the variables returned by `init` or restored from a checkpoint, "
                     "including the 'batch_stats' collection."

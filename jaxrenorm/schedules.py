@@ -93,6 +93,11 @@ def scaled_paper_schedules(
     """
     if not isinstance(total_steps, int) or total_steps < 1:
         raise ValueError(f"`total_steps` must be a positive int, got {total_steps!r}.")
+    if not (r_max >= 1 and d_max >= 0):
+        raise ValueError(
+            f"scaled_paper_schedules: `r_max` must be >= 1 and `d_max` >= 0, got r_max={r_max}, "
+            f"d_max={d_max}."
+        )
     begin = total_steps // 8
     return (
         r_max_schedule(r_max, begin=begin, end=total_steps),

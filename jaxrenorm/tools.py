@@ -243,9 +243,19 @@ def fold_batch_norm(
     """
     kernel = jnp.asarray(kernel)
     features = kernel.shape[-1]
+    params = params or {}
+    if set(params) - {"scale", "bias"}:
+        raise ValueError(
+            f"`params` has unexpected keys {sorted(set(params) - {'scale', 'bias'})}; "
+            "fold_batch_norm folds only 'scale' and 'bias' (the normalization's params)."
+        )
+    if not {"mean", "var"} <= set(batch_stats):
+        raise ValueError(
+            "`batch_stats` must hold the normalization's running 'mean' and 'var', got "
+            f"{sorted(batch_stats)}."
+        )
     mean = jnp.asarray(batch_stats["mean"])
     var = jnp.asarray(batch_stats["var"])
-    params = params or {}
     for name, value in (
         ('batch_stats["mean"]', mean),
         ('batch_stats["var"]', var),

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import ast
+import functools
+import re
+import traceback
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxrenorm
+from jaxrenorm import interop, schedules
 
 X = jnp.ones((8, 4))
 STATS = jaxrenorm.init_batch_stats(4)
@@ -122,3 +133,222 @@ def test_module_errors_name_the_argument():
         jaxrenorm.linen.BatchNorm(use_running_average=False).init(
             jax.random.key(0), jnp.ones((4, 2), jnp.int32)
         )
+
+
+# ---------------------------------------------------------------------------
+# docs/errors.md: one table row per error, each triggered here through the public API.
+#
+# Three checks keep the table, these triggers and the library's source in step:
+#   1. `test_error_table_row` is parametrized by the table's ids: each row's trigger must
+#      raise the row's exception with the row's message fragment in its message.
+#   2. `test_error_table_ids_match_triggers`: the table's ids are exactly TRIGGERS' keys,
+#      so a row without a trigger, or a trigger without a row, fails.
+#   3. `test_every_raise_in_the_library_has_a_row`: each trigger's traceback names the
+#      library line that raised (its innermost frame in jaxrenorm/); every `raise`
+#      statement found by parsing jaxrenorm/*.py must be that line for at least one row.
+#      Matching by traceback rather than by text is exact even where a message is an
+#      f-string (the printed text is not in the source) or two sites share a message,
+#      and it survives edits that move lines. A new `raise` fails this test until it
+#      gets a row here and in the docs.
+# ---------------------------------------------------------------------------
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
+PACKAGE = Path(jaxrenorm.__file__).resolve().parent
+X4 = jnp.ones((2, 3, 3, 4))  # (N, H, W, C) for InstanceRenorm
+
+
+def _code(cell: str) -> str:
+    """The text of a Markdown code span (`a` or `` a `b` ``), as CommonMark reads it."""
+    m = re.fullmatch(r"(`+)(.+)\1", cell)
+    assert m, f"expected a code span, got {cell!r}"
+    text = m[2]
+    if len(text) > 2 and text.startswith(" ") and text.endswith(" "):
+        text = text[1:-1]
+    return text
+
+
+def _table() -> dict[str, tuple[str, str]]:
+    """{id: (exception name, message fragment)} from the table of docs/errors.md."""
+    lines = DOC.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| id |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    assert header == ["id", "exception", "message (start)", "triggered by", "fix"]
+    rows: dict[str, tuple[str, str]] = {}
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert len(cells) == 5, f"a cell holds a '|' or one is missing: {line}"
+        row_id = _code(cells[0])
+        assert row_id not in rows, f"duplicate id {row_id}"
+        rows[row_id] = (_code(cells[1]), _code(cells[2]))
+    return rows
+
+
+ROWS = _table()
+
+
+def _bn(**kw):
+    return lambda: _call(jaxrenorm.batch_norm, **kw)
+
+
+def _brn(**kw):
+    return lambda: _call(jaxrenorm.batch_renorm, **kw)
+
+
+def _exhausted_recalibrate():
+    batches = iter([X])
+    list(batches)  # e.g. a generator already used up by a previous epoch
+    model = jaxrenorm.linen.BatchNorm()
+    jaxrenorm.recalibrate(model, {"batch_stats": {}}, batches, use_running_average=False)
+
+
+def _virtual_groups_over_shards():
+    mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+    x = jax.device_put(jnp.ones((6, 4)), NamedSharding(mesh, P("data")))
+    f = jax.jit(lambda x: _call(jaxrenorm.batch_norm, x=x, virtual_batch_size=2))
+    f(x)  # 6 / 2 = 3 groups over 2 shards; raises while tracing, nothing compiles
+
+
+def _torch_sd(n_weight=4, n_stats=4, **extra):
+    sd = {
+        "weight": np.ones(n_weight),
+        "bias": np.zeros(n_weight),
+        "running_mean": np.zeros(n_stats),
+        "running_var": np.ones(n_stats),
+    }
+    return sd | extra
+
+
+_KEY = jax.random.key(0)
+_AFFINE = {"scale": jnp.ones(4), "bias": jnp.zeros(4)}
+
+TRIGGERS = {
+    "x-not-floating": _bn(x=jnp.zeros((8, 4), jnp.uint8)),
+    "x-scalar": _bn(x=jnp.float32(1.0)),
+    "axis-not-int": lambda: jaxrenorm.linen.BatchNorm(False, axis=None).init(_KEY, X),
+    "axis-entry-not-int": _bn(axis=(-1.0,)),
+    "axis-empty": _bn(axis=()),
+    "axis-out-of-range": _bn(axis=3),
+    "axis-repeated": _bn(axis=(1, -1)),
+    "no-reduction-axis": _bn(axis=(0, 1)),
+    "feature-shape-mismatch": lambda: jaxrenorm.nnx.BatchNorm(3, rngs=nnx.Rngs(0))(X),
+    "feature-array-not-floating": _bn(params={"scale": jnp.array([1, 1, 1, 1])}),
+    "params-not-mapping": _bn(params=(jnp.ones(4), jnp.zeros(4))),
+    "params-unknown-key": _bn(params={"gamma": jnp.ones(4), "beta": jnp.zeros(4)}),
+    "rho-missing": lambda: jaxrenorm.instance_renorm(X4, _AFFINE, STATS, use_running_average=False),
+    "batch-stats-missing": _bn(stats={"batch_stats": STATS}),
+    "batch-stats-variables-missing": lambda: jaxrenorm.linen.BatchNorm(True).apply(
+        {"params": _AFFINE}, X
+    ),
+    "linen-use-running-average-missing": lambda: jaxrenorm.linen.BatchNorm().init(_KEY, X),
+    "nnx-use-running-average-missing": lambda: jaxrenorm.nnx.BatchNorm(
+        4, use_running_average=None, rngs=nnx.Rngs(0)
+    )(X),
+    "mask-shape": _bn(mask=jnp.ones(8, bool)),
+    "momentum-out-of-range": _bn(momentum=99),
+    "epsilon-negative": _bn(epsilon=-1e-5),
+    "r-max-below-one": lambda: jaxrenorm.linen.BatchRenorm(False, r_max=0.5).init(_KEY, X),
+    "d-max-negative": _brn(d_max=-1.0),
+    "bound-not-scalar": _brn(r_max=jnp.full(4, 3.0)),
+    "dtype-not-floating": _bn(dtype=jnp.int8),
+    "renorm-complex": _brn(x=X.astype(jnp.complex64)),
+    "instance-layout": lambda: jaxrenorm.nnx.InstanceRenorm(4, rngs=nnx.Rngs(0))(X),
+    "virtual-batch-size-invalid": _bn(virtual_batch_size=0),
+    "virtual-batch-axis0-feature": _bn(
+        axis=0, stats=jaxrenorm.init_batch_stats(8), virtual_batch_size=2
+    ),
+    "virtual-batch-size-indivisible": _bn(virtual_batch_size=3),
+    "virtual-batch-shards": _virtual_groups_over_shards,
+    "feature-shape-invalid": lambda: jaxrenorm.init_batch_stats((3, None)),
+    "stats-dtype-not-floating": lambda: jaxrenorm.init_batch_stats(4, jnp.int32),
+    "torch-momentum-none": lambda: interop.momentum_from_torch(None),
+    "torch-momentum-out-of-range": lambda: interop.momentum_from_torch(10),
+    "flax-momentum-out-of-range": lambda: interop.momentum_to_torch(-0.1),
+    "state-dict-no-running-stats": lambda: interop.from_torch_batch_norm(
+        {f"bn1.{k}": v for k, v in _torch_sd().items()}, prefix="bn1"
+    ),
+    "state-dict-not-1d": lambda: interop.from_torch_batch_norm(
+        _torch_sd(running_mean=np.zeros((1, 4)))
+    ),
+    "state-dict-shape-mismatch": lambda: interop.from_torch_batch_norm(_torch_sd(n_weight=3)),
+    "schedule-begin-end": lambda: schedules.d_max_schedule(begin=10, end=5),
+    "r-max-schedule-final": lambda: schedules.r_max_schedule(final=0.5),
+    "scaled-schedule-bounds": lambda: schedules.scaled_paper_schedules(1000, r_max=0.5),
+    "fold-unknown-params": lambda: jaxrenorm.fold_batch_norm(
+        jnp.ones((4, 3)), None, {"gamma": jnp.ones(3)}, jaxrenorm.init_batch_stats(3)
+    ),
+    "fold-stats-missing": lambda: jaxrenorm.fold_batch_norm(
+        jnp.ones((4, 3)), None, None, {"mean": jnp.zeros(3)}
+    ),
+    "d-max-schedule-final": lambda: schedules.d_max_schedule(final=-1.0),
+    "total-steps-invalid": lambda: schedules.scaled_paper_schedules(1e5),
+    "recalibrate-no-layer": _exhausted_recalibrate,
+    "fold-shape-mismatch": lambda: jaxrenorm.fold_batch_norm(jnp.ones((4, 3)), None, None, STATS),
+    "batch-dependence-too-few": lambda: jaxrenorm.batch_dependence(lambda x: x, X[:3], key=_KEY),
+    "batch-dependence-batch-size": lambda: jaxrenorm.batch_dependence(
+        lambda x: jnp.mean(x**2), X, key=_KEY
+    ),
+}
+
+
+@functools.cache
+def _raised(row_id: str) -> tuple[str, str, tuple[str, int] | None]:
+    """(exception name, message, (file, line) of the innermost library frame) of a trigger."""
+    try:
+        TRIGGERS[row_id]()
+    except Exception as e:  # the row's test compares the type
+        frames = [
+            (path.name, f.lineno)
+            for f in traceback.extract_tb(e.__traceback__)
+            if (path := Path(f.filename).resolve()).parent == PACKAGE
+        ]
+        return type(e).__name__, str(e), frames[-1] if frames else None
+    pytest.fail(f"{row_id}: the trigger raised nothing")
+
+
+@pytest.mark.parametrize("row_id", sorted(ROWS))
+def test_error_table_row(row_id):
+    exception, fragment = ROWS[row_id]
+    name, message, site = _raised(row_id)
+    assert name == exception, f"{row_id}: {name}: {message}"
+    assert fragment in message, f"{row_id}: {fragment!r} not in {message!r}"
+    assert site is not None, f"{row_id}: raised outside jaxrenorm's call stack"
+
+
+def test_error_table_ids_match_triggers():
+    assert set(ROWS) == set(TRIGGERS), (
+        f"rows without a trigger: {sorted(set(ROWS) - set(TRIGGERS))}; "
+        f"triggers without a row: {sorted(set(TRIGGERS) - set(ROWS))}"
+    )
+    for row_id, (exception, fragment) in ROWS.items():
+        assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", row_id), row_id
+        assert exception in ("ValueError", "TypeError"), (row_id, exception)
+        assert fragment.strip(), row_id
+
+
+def _raise_statements() -> list[tuple[str, int, int, str]]:
+    """(file, first line, last line, source) of every `raise` in jaxrenorm/*.py."""
+    out = []
+    for path in sorted(PACKAGE.glob("*.py")):
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Raise):
+                text = ast.get_source_segment(source, node)
+                out.append((path.name, node.lineno, node.end_lineno, text))
+    return sorted(out)
+
+
+def test_every_raise_in_the_library_has_a_row():
+    statements = _raise_statements()
+    assert len(statements) >= 40  # the scan works (41 when the table was written)
+    for file, line, _, text in statements:
+        # The documented contract: ValueError or TypeError, constructed with a message.
+        assert re.match(r"raise (ValueError|TypeError)\(", text), f"{file}:{line}: {text}"
+    reached = {_raised(row_id)[2] for row_id in ROWS}
+    missing = [
+        f"{file}:{first}: {text.splitlines()[0]}"
+        for file, first, last, text in statements
+        if not any(site == (file, n) for n in range(first, last + 1) for site in reached)
+    ]
+    assert not missing, "raise sites without a row in docs/errors.md:\n" + "\n".join(missing)
