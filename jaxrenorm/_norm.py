@@ -69,7 +69,7 @@ def init_batch_stats(
     Returns:
       `{"mean": zeros(feature_shape), "var": ones(feature_shape)}`.
 
-    Example:
+    Examples:
       >>> import jaxrenorm
       >>> jax_stats = jaxrenorm.init_batch_stats(3)
       >>> jax_stats["mean"].tolist(), jax_stats["var"].tolist()
@@ -109,14 +109,15 @@ def batch_norm(
     Training (`use_running_average=False`), with the batch mean and biased
     variance over every axis but `axis` (and over the devices of `axis_name`):
 
-    .. math::
-        y = \gamma \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta, \qquad
-        \mu \leftarrow m\,\mu + (1 - m)\,\mu_B, \qquad
-        \sigma^2 \leftarrow m\,\sigma^2 + (1 - m)\,\sigma_B^2
+    ```math
+    y = \gamma \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta, \qquad
+    \mu \leftarrow m\,\mu + (1 - m)\,\mu_B, \qquad
+    \sigma^2 \leftarrow m\,\sigma^2 + (1 - m)\,\sigma_B^2
+    ```
 
     Inference (`use_running_average=True`) uses the running statistics instead of
     the batch's and returns `batch_stats` unchanged:
-    :math:`y = \gamma (x - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta`.
+    $`y = \gamma (x - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta`$.
 
     The running update follows Flax (`m` = `momentum`, biased batch variance) and
     never carries a gradient. If a feature's batch statistics are not finite
@@ -165,7 +166,7 @@ def batch_norm(
     Returns:
       `(y, new_batch_stats)`; `new_batch_stats` has the same keys as `batch_stats`.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, jaxrenorm
       >>> x = jax.random.normal(jax.random.key(0), (32, 4)) * 3 + 1
       >>> params = {"scale": jnp.ones(4), "bias": jnp.zeros(4)}
@@ -220,14 +221,16 @@ def batch_renorm(
     clipping. With s_B = sqrt(var_B + eps) and s = sqrt(var + eps) from the
     running statistics *before* this batch's update:
 
-    .. math::
-        r = \operatorname{sg}\Big(\operatorname{clip}\big(\tfrac{s_B}{s},
-              \tfrac{1}{r_{max}}, r_{max}\big)\Big), \qquad
-        d = \operatorname{sg}\Big(\operatorname{clip}\big(\tfrac{\mu_B - \mu}{s},
-              -d_{max}, d_{max}\big)\Big)
+    ```math
+    r = \operatorname{sg}\Big(\operatorname{clip}\big(\tfrac{s_B}{s},
+          \tfrac{1}{r_{max}}, r_{max}\big)\Big), \qquad
+    d = \operatorname{sg}\Big(\operatorname{clip}\big(\tfrac{\mu_B - \mu}{s},
+          -d_{max}, d_{max}\big)\Big)
+    ```
 
-    .. math::
-        y = \gamma \Big(\frac{x - \mu_B}{s_B}\, r + d\Big) + \beta
+    ```math
+    y = \gamma \Big(\frac{x - \mu_B}{s_B}\, r + d\Big) + \beta
+    ```
 
     where sg is `stop_gradient`: the gradient flows through mu_B and s_B as in
     BatchNorm, and r, d are constants for it. Unclipped, y equals the inference
@@ -237,11 +240,10 @@ def batch_renorm(
     running s only by the Jensen gap of the square root). Inference is identical
     to `batch_norm`; with r_max = 1 and d_max = 0 training is too.
 
+    The arguments shared with `batch_norm` (`x` to `bessel_correction`) mean the
+    same here; with virtual batches r and d are computed per group.
+
     Args:
-      x, params, batch_stats, use_running_average, axis, momentum, epsilon,
-      axis_name, axis_index_groups, mask, use_fast_variance, dtype,
-      virtual_batch_size, bessel_correction: as in `batch_norm`; with virtual
-        batches r and d are computed per group.
       r_max: bound on r, >= 1 (a Python float or a traced scalar, e.g. a schedule
         evaluated under jit; see `jaxrenorm.schedules`).
       d_max: bound on |d|, >= 0 (float or traced scalar).
@@ -257,7 +259,7 @@ def batch_renorm(
     Returns:
       `(y, new_batch_stats)`, as `batch_norm`.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, jaxrenorm
       >>> x = jax.random.normal(jax.random.key(0), (4, 3))
       >>> stats = jaxrenorm.init_batch_stats(3)
@@ -313,8 +315,9 @@ def instance_renorm(
     normalized per example i and feature over the spatial axes
     (s_i = sqrt(var_i + eps)):
 
-    .. math::
-        y = \gamma \big(\rho\, \mathrm{BRN}(x) + (1 - \rho)\, \mathrm{IN}(x)\big) + \beta
+    ```math
+    y = \gamma \big(\rho\, \mathrm{BRN}(x) + (1 - \rho)\, \mathrm{IN}(x)\big) + \beta
+    ```
 
     with rho per feature, used as clip(rho, 0, 1). The two branches are affine maps
     of each other: BN(x) = r_i IN(x) + d_i with r_i = s_i / s_B and
@@ -333,19 +336,18 @@ def instance_renorm(
     while jvp with respect to x, gamma and beta works). Weight decay on rho pulls
     it towards instance normalization; exclude it as you would a bias.
 
+    The other arguments are `batch_renorm`'s and concern the batch branch
+    (`mask` also selects the elements of each instance's statistics); `axis`
+    must not include axis 0.
+
     Args:
       x: input of rank >= 3: batch, spatial axes and features (e.g. NHWC).
       params: `"rho"` (required), optional `"scale"` and `"bias"`, all feature-shaped.
-      batch_stats, use_running_average, axis, momentum, epsilon, axis_name,
-      axis_index_groups, mask, use_fast_variance, dtype, virtual_batch_size,
-      bessel_correction, r_max, d_max, grad_through_batch_moments: as in
-        `batch_renorm`; they concern the batch branch (`mask` also selects the
-        elements of each instance's statistics). `axis` must not include axis 0.
 
     Returns:
       `(y, new_batch_stats)`, as `batch_renorm`.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, jaxrenorm
       >>> x = jax.random.normal(jax.random.key(0), (4, 5, 5, 3))
       >>> params = {"rho": jnp.full(3, 0.5), "scale": jnp.ones(3), "bias": jnp.zeros(3)}

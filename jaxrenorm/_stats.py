@@ -163,7 +163,7 @@ def compute_moments(
     axes: tuple[int, ...],
     *,
     axis_name: str | None = None,
-    axis_index_groups=None,
+    axis_index_groups: Any = None,
     mask: jax.Array | None = None,
     use_fast_variance: bool = True,
     shift: jax.Array | None = None,
@@ -210,7 +210,7 @@ def merge_moments(
     axes: tuple[int, ...],
     *,
     axis_name: str | None = None,
-    axis_index_groups=None,
+    axis_index_groups: Any = None,
     use_fast_variance: bool = True,
     shift: jax.Array | None = None,
 ) -> Moments:
@@ -268,15 +268,16 @@ def moments(
     axes: int | tuple[int, ...],
     *,
     axis_name: str | None = None,
-    axis_index_groups=None,
+    axis_index_groups: Any = None,
     mask: jax.Array | None = None,
     use_fast_variance: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     r"""Mean and biased variance of `x` over `axes`, accurate on offset data.
 
-    .. math::
-        \mu = \frac{1}{n}\sum_{i \in \text{valid}} x_i, \qquad
-        \sigma^2 = \frac{1}{n}\sum_{i \in \text{valid}} |x_i - \mu|^2
+    ```math
+    \mu = \frac{1}{n}\sum_{i \in \text{valid}} x_i, \qquad
+    \sigma^2 = \frac{1}{n}\sum_{i \in \text{valid}} |x_i - \mu|^2
+    ```
 
     where n counts the valid elements (all of them without a mask), summed over
     the devices of `axis_name`. The default one-pass algorithm shifts by a sample
@@ -301,7 +302,7 @@ def moments(
       `(mean, var)` with `axes` removed, in the input dtype promoted to at least
       float32. With no valid element both are 0.
 
-    Example:
+    Examples:
       >>> import jax.numpy as jnp, jaxrenorm
       >>> mean, var = jaxrenorm.moments(jnp.array([[1.0, 2.0], [3.0, 6.0]]), axes=0)
       >>> mean.tolist(), var.tolist()

@@ -23,7 +23,7 @@ __all__ = ["from_torch_batch_norm", "momentum_from_torch", "momentum_to_torch"]
 def momentum_from_torch(momentum: float) -> float:
     """PyTorch's momentum (weight of the new batch) to Flax's (weight of the old value).
 
-    Example:
+    Examples:
       >>> from jaxrenorm import interop
       >>> round(interop.momentum_from_torch(0.1), 6)
       0.9
@@ -41,7 +41,7 @@ def momentum_from_torch(momentum: float) -> float:
 def momentum_to_torch(momentum: float) -> float:
     """Flax's momentum to PyTorch's: the inverse of `momentum_from_torch`.
 
-    Example:
+    Examples:
       >>> from jaxrenorm import interop
       >>> round(interop.momentum_to_torch(0.99), 6)
       0.01
@@ -83,7 +83,7 @@ def from_torch_batch_norm(
       unbiased one; it is copied as is (inference uses it directly, as PyTorch
       does).
 
-    Example:
+    Examples:
       >>> import numpy as np
       >>> from jaxrenorm import interop
       >>> sd = {"weight": np.ones(3), "bias": np.zeros(3), "running_mean": np.zeros(3),

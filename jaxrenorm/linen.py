@@ -106,17 +106,19 @@ class BatchNorm(_Normalization):
     default variance is accurate on offset data (x = 1e4 + N(0, 1): relative
     error 6e-6 where Flax's has 25).
 
-    Attributes: those of `flax.linen.BatchNorm`, with the same defaults, plus
-      `virtual_batch_size` (statistics over consecutive groups of that many
-      examples along axis 0) and `bessel_correction` (update the running
-      variance with the unbiased batch variance, PyTorch's convention); see
-      `jaxrenorm.batch_norm`.
-      `force_float32_reductions=False` keeps the running statistics in
-      `param_dtype`, as in Flax, but statistics are still computed in at least
-      float32: reducing in bfloat16 is not faster on any backend we measured and
-      loses most of the variance's digits.
+    The fields are those of `flax.linen.BatchNorm`, with the same defaults, plus
+    two. `force_float32_reductions=False` keeps the running statistics in
+    `param_dtype`, as in Flax, but statistics are still computed in at least
+    float32: reducing in bfloat16 is not faster on any backend we measured and
+    loses most of the variance's digits.
 
-    Example:
+    Attributes:
+      virtual_batch_size: statistics over consecutive groups of that many
+        examples along axis 0 (see `jaxrenorm.batch_norm`).
+      bessel_correction: update the running variance with the unbiased batch
+        variance (PyTorch's convention).
+
+    Examples:
       >>> import jax, jax.numpy as jnp, jaxrenorm
       >>> bn = jaxrenorm.linen.BatchNorm(use_running_average=False)
       >>> x = jax.random.normal(jax.random.key(0), (8, 3))
@@ -170,7 +172,7 @@ class BatchRenorm(_Normalization):
         (collect them with `jaxrenorm.collect_diagnostics`). Off by default, and
         free when off.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, jaxrenorm
       >>> brn = jaxrenorm.linen.BatchRenorm(use_running_average=False)
       >>> x = jax.random.normal(jax.random.key(0), (8, 3))
@@ -249,7 +251,7 @@ class InstanceRenorm(BatchRenorm):
       rho_init: initializer of `params["rho"]` (feature shape, `param_dtype`);
         0.5 by default, an even mix.
 
-    Example:
+    Examples:
       >>> import jax, jaxrenorm
       >>> layer = jaxrenorm.linen.InstanceRenorm(use_running_average=False)
       >>> x = jax.random.normal(jax.random.key(0), (4, 6, 6, 3))

@@ -34,7 +34,7 @@ class BatchNorm(nnx.Module):
     `virtual_batch_size` and `bessel_correction` (see `jaxrenorm.batch_norm`). The
     default variance is accurate on offset data, where Flax's is not.
 
-    Example:
+    Examples:
       >>> import jax, jaxrenorm
       >>> from flax import nnx
       >>> bn = jaxrenorm.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
@@ -149,7 +149,7 @@ class BatchRenorm(BatchNorm):
     stores the dict of `jaxrenorm.linen.BatchRenorm`'s summaries in
     `self.diagnostics_values`, an `nnx.Intermediate` (read it with `.get_value()`).
 
-    Example:
+    Examples:
       >>> import jax, jaxrenorm
       >>> from flax import nnx
       >>> brn = jaxrenorm.nnx.BatchRenorm(3, rngs=nnx.Rngs(0))
@@ -200,7 +200,7 @@ class InstanceRenorm(BatchRenorm):
     `jaxrenorm.linen.InstanceRenorm` and, for the math, `jaxrenorm.instance_renorm`.
     Inputs need a batch axis, at least one spatial axis and the features (rank >= 3).
 
-    Example:
+    Examples:
       >>> import jax, jaxrenorm
       >>> from flax import nnx
       >>> layer = jaxrenorm.nnx.InstanceRenorm(3, rngs=nnx.Rngs(0))

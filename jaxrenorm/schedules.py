@@ -38,7 +38,7 @@ def r_max_schedule(final: float = 3.0, begin: int = 5_000, end: int = 40_000) ->
 
     Defaults are the paper's: 1 for 5,000 steps, 3 at 40,000.
 
-    Example:
+    Examples:
       >>> from jaxrenorm import schedules
       >>> s = schedules.r_max_schedule()
       >>> [round(float(s(t)), 3) for t in (0, 5_000, 22_500, 40_000, 99_999)]
@@ -54,7 +54,7 @@ def d_max_schedule(final: float = 5.0, begin: int = 5_000, end: int = 25_000) ->
 
     Defaults are the paper's: 0 for 5,000 steps, 5 at 25,000.
 
-    Example:
+    Examples:
       >>> from jaxrenorm import schedules
       >>> s = schedules.d_max_schedule()
       >>> [round(float(s(t)), 3) for t in (0, 5_000, 15_000, 25_000)]
@@ -83,7 +83,7 @@ def scaled_paper_schedules(
     Returns:
       `(r_max_schedule, d_max_schedule)`, for `BatchRenorm(r_max=..., d_max=...)`.
 
-    Example:
+    Examples:
       >>> from jaxrenorm import schedules
       >>> r, d = schedules.scaled_paper_schedules(800)
       >>> [round(float(r(t)), 3) for t in (0, 100, 450, 800)]

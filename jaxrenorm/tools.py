@@ -34,7 +34,7 @@ def collect_diagnostics(intermediates: Mapping[str, Any], sep: str = "/") -> dic
     Returns:
       A flat dict of scalar arrays.
 
-    Example:
+    Examples:
       >>> import jax, jaxrenorm
       >>> brn = jaxrenorm.linen.BatchRenorm(r_max=1.0, d_max=0.0, diagnostics=True)
       >>> x = jax.random.normal(jax.random.key(0), (16, 3)) + 2
@@ -81,9 +81,10 @@ def recalibrate(
     (count-weighted, so batches of different sizes and masks count by their
     valid elements; never the average of per-batch variances):
 
-    .. math::
-        n = n_a + n_b, \quad \delta = \mu_b - \mu_a, \quad
-        M_2 = M_{2,a} + M_{2,b} + \delta^2 n_a n_b / n
+    ```math
+    n = n_a + n_b, \quad \delta = \mu_b - \mu_a, \quad
+    M_2 = M_{2,a} + M_{2,b} + \delta^2 n_a n_b / n
+    ```
 
     Which statistics upstream layers use during the pass is set by
     `apply_kwargs`. With the model's training mode (e.g. `train=True`, the
@@ -114,7 +115,7 @@ def recalibrate(
     Returns:
       The variables with new `batch_stats` means and variances.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, jaxrenorm
       >>> bn = jaxrenorm.linen.BatchNorm()
       >>> x = jax.random.normal(jax.random.key(0), (64, 3)) * 3 + 5
@@ -207,9 +208,10 @@ def fold_batch_norm(
 
     With z = x @ kernel + bias and y = scale * (z - mean) / sqrt(var + eps) + b,
 
-    .. math::
-        a = \frac{scale}{\sqrt{var + \epsilon}}, \quad kernel' = kernel \cdot a,
-        \quad bias' = (bias - mean)\, a + b
+    ```math
+    a = \frac{scale}{\sqrt{var + \epsilon}}, \quad kernel' = kernel \cdot a,
+    \quad bias' = (bias - mean)\, a + b
+    ```
 
     so that y = x @ kernel' + bias' with one layer less at inference.
 
@@ -230,7 +232,7 @@ def fold_batch_norm(
     p["Conv_0"]["kernel"], p["Conv_0"].get("bias"), p["BatchNorm_0"],
     stats["BatchNorm_0"])))`, and so on for every Conv/Dense + norm pair.
 
-    Example:
+    Examples:
       >>> import jax, jax.numpy as jnp, jaxrenorm
       >>> k = jax.random.normal(jax.random.key(0), (4, 3))
       >>> stats = {"mean": jnp.array([1., 2., 3.]), "var": jnp.array([4., 1., .25])}
@@ -304,7 +306,7 @@ def batch_dependence(
     Returns:
       The largest relative change, a Python float.
 
-    Example:
+    Examples:
       >>> import jax, jaxrenorm
       >>> bn = jaxrenorm.linen.BatchNorm()
       >>> x = jax.random.normal(jax.random.key(0), (16, 3))
