@@ -542,6 +542,10 @@ def _normalize(
     )
 
     def core(xw, mean_k, var_k, scale_k, bias_k, rho_k, mask, clip):
+        # Widen once: every use of x then shares one conversion, so the gradient of a
+        # half-precision input is summed in float32 and rounded once (converting per
+        # use rounded each contribution to bfloat16 and let opposite ones cancel).
+        xw = xw.astype(cdtype)
         # Across devices the shift must be the same everywhere: the running mean is.
         shift = lax.stop_gradient(mean_k) if axis_name is not None else None
         options = dict(
@@ -586,7 +590,7 @@ def _normalize(
         # per-feature sums of g and of g * (x - k): the cotangent of the per-feature
         # offset b - m1 * a is sum(g), shared with the bias gradient.
         c = _per_feature_value(_plus(b, -m.offset * a))
-        xc = xw.astype(cdtype)
+        xc = xw
         if rho_k is not None:
             gate = _unit_gate(rho_k)
             y = _mix_instance(xc, mask, m.shift, a, c, parts, gate, scale_k, bias_k, epsilon)
