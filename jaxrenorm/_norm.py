@@ -498,31 +498,33 @@ def _normalize(
     rdtype = jnp.finfo(cdtype).dtype  # the real dtype of variances
 
     if use_running_average:
-        mean_k, var_k, scale_k, bias_k = _per_feature(
+        mean_k, var_k, scale_k, bias_k, rho_k = _per_feature(
             x.shape,
             reduction_axes,
             (run_mean, cdtype),
             (run_var, rdtype),
             (scale, rdtype),
             (bias, cdtype),
+            (instance, rdtype),
         )
         a = lax.rsqrt(var_k + epsilon)
         a = a if scale_k is None else a * scale_k
         xc = x.astype(cdtype)
-        if instance is None:
+        if rho_k is None:
             y = _plus((xc - mean_k) * a, bias_k)
         else:
             spatial = tuple(ax for ax in reduction_axes if ax not in example_axes)
             parts = compute_moments(x, spatial, mask=mask, use_fast_variance=use_fast_variance)
-            gate = _unit_gate(_per_feature(x.shape, reduction_axes, (instance, rdtype))[0])
-            y = _mix_instance(xc, mask, mean_k, a, bias_k, parts, gate, scale_k, bias_k, epsilon)
+            y = _mix_instance(
+                xc, mask, mean_k, a, bias_k, parts, _unit_gate(rho_k), scale_k, bias_k, epsilon
+            )
         return y.astype(out_dtype), dict(batch_stats), None
 
     # Inference ignores virtual batches, so an eval batch of any size is fine.
     if virtual_batch_size is not None:
         check_virtual_batch(virtual_batch_size, x.shape, feature_axes)
     grouped = virtual_batch_size is not None and virtual_batch_size != x.shape[0]
-    xw = x  # the working view, in the input dtype (compute_moments widens it)
+    xw = x  # the working view, in the input dtype (`core` widens it once)
     if grouped:
         # (N, ...) -> (N / v, v, ...): axis 0 indexes groups, which keep their own
         # statistics, and every other axis shifts by one.
