@@ -1,19 +1,42 @@
 """Argument validation, run at trace time so errors name what the caller passed.
 
-Every check here looks only at shapes, dtypes and concrete Python values, so it
-costs nothing in the compiled program.
+Every error the library raises is raised here: each check is a function that the
+public entry points call, so one message serves every caller and
+docs/errors.md lists it once. The checks look only at shapes, dtypes and
+concrete Python values, so they cost nothing in the compiled program.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 Axes = int | Sequence[int]
+
+
+class Layout(NamedTuple):
+    """An input's axes: the feature axes, and the axes its statistics reduce over."""
+
+    shape: tuple[int, ...]
+    axis: Axes  # as the caller wrote it, for messages
+    feature_axes: tuple[int, ...]  # sorted, non-negative
+    reduction_axes: tuple[int, ...]
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.shape[a] for a in self.feature_axes)
+
+    @property
+    def context(self) -> str:
+        """How messages describe the input: "an input of shape (8, 4) with axis=-1"."""
+        return f"an input of shape {self.shape} with axis={self.axis!r}"
+
+
+# --- inputs and their axes ----------------------------------------------------
 
 
 def canonical_axes(ndim: int, axis: Axes, name: str = "axis") -> tuple[int, ...]:
@@ -54,82 +77,27 @@ def check_input(x: Any, name: str = "x") -> jax.Array:
     return x
 
 
-def check_layout(shape: tuple[int, ...], axis: Axes) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Splits the axes of `shape` into (feature_axes, reduction_axes)."""
-    feature_axes = canonical_axes(len(shape), axis)
-    reduction_axes = tuple(i for i in range(len(shape)) if i not in feature_axes)
+def check_layout(x: Any, axis: Axes) -> tuple[jax.Array, Layout]:
+    """Checks the input and `axis`; returns the input as an array and its `Layout`."""
+    x = check_input(x)
+    feature_axes = canonical_axes(x.ndim, axis)
+    reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
     if not reduction_axes:
         raise ValueError(
-            f"`axis`={axis!r} makes every axis of the input (shape {shape}) a feature axis, "
+            f"`axis`={axis!r} makes every axis of the input (shape {x.shape}) a feature axis, "
             "leaving nothing to compute batch statistics over."
         )
-    return feature_axes, reduction_axes
+    return x, Layout(x.shape, axis, feature_axes, reduction_axes)
 
 
-def check_feature_array(
-    value: Any, name: str, feature_shape: tuple[int, ...], x_shape: tuple[int, ...], axis: Axes
-) -> jax.Array:
-    """Checks that a per-feature array (scale, bias, mean, var) has the feature shape."""
-    value = jnp.asarray(value)
-    if value.shape != feature_shape:
+def check_instance_layout(layout: Layout) -> None:
+    """Instance statistics need axis 0 as the batch and at least one spatial axis."""
+    if 0 in layout.feature_axes or len(layout.reduction_axes) < 2:
         raise ValueError(
-            f"`{name}` has shape {value.shape}, but an input of shape {x_shape} with "
-            f"axis={axis!r} has feature shape {feature_shape}."
+            "Instance normalization needs axis 0 as the batch axis and at least one "
+            "spatial axis (neither batch nor feature), e.g. an input of shape (N, H, W, C) "
+            f"with axis=-1; got an input of shape {layout.shape} with axis={layout.axis!r}."
         )
-    if not jnp.issubdtype(value.dtype, jnp.inexact):
-        raise TypeError(f"`{name}` must be floating point, got dtype {value.dtype}.")
-    return value
-
-
-def check_params(
-    params: Mapping[str, Any] | None,
-    feature_shape: tuple[int, ...],
-    x_shape: tuple[int, ...],
-    axis: Axes,
-) -> tuple[jax.Array | None, jax.Array | None]:
-    """Returns (scale, bias), each None when absent."""
-    if params is None:
-        return None, None
-    if not isinstance(params, Mapping):
-        raise TypeError(
-            f"`params` must be a mapping with optional 'scale' and 'bias', got {type(params)}."
-        )
-    unknown = set(params) - {"scale", "bias"}
-    if unknown:
-        raise ValueError(
-            f"`params` has unexpected keys {sorted(unknown)}; only 'scale' and 'bias' are used."
-        )
-    out = []
-    for key in ("scale", "bias"):
-        value = params.get(key)
-        out.append(
-            None
-            if value is None
-            else check_feature_array(value, f'params["{key}"]', feature_shape, x_shape, axis)
-        )
-    return out[0], out[1]
-
-
-def check_batch_stats(
-    batch_stats: Mapping[str, Any],
-    feature_shape: tuple[int, ...],
-    x_shape: tuple[int, ...],
-    axis: Axes,
-) -> tuple[jax.Array, jax.Array]:
-    """Returns (mean, var) from a `batch_stats` mapping."""
-    if not isinstance(batch_stats, Mapping) or not {"mean", "var"} <= set(batch_stats):
-        got = sorted(batch_stats) if isinstance(batch_stats, Mapping) else type(batch_stats)
-        raise ValueError(
-            "`batch_stats` must be a mapping with 'mean' and 'var' "
-            f"(see `jaxrenorm.init_batch_stats`), got {got}."
-        )
-    mean = check_feature_array(
-        batch_stats["mean"], 'batch_stats["mean"]', feature_shape, x_shape, axis
-    )
-    var = check_feature_array(
-        batch_stats["var"], 'batch_stats["var"]', feature_shape, x_shape, axis
-    )
-    return mean, var
 
 
 def check_mask(mask: Any, x_shape: tuple[int, ...]) -> jax.Array:
@@ -142,6 +110,94 @@ def check_mask(mask: Any, x_shape: tuple[int, ...]) -> jax.Array:
             f"`mask` of shape {mask.shape} does not broadcast to the input's shape {x_shape}."
         )
     return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
+# --- per-feature arrays -------------------------------------------------------
+
+
+def check_feature_array(
+    value: Any, name: str, feature_shape: tuple[int, ...], context: str
+) -> jax.Array:
+    """Checks a per-feature array (scale, bias, rho, mean, var): feature shape, floating.
+
+    `context` says where the feature shape comes from, e.g. `Layout.context`.
+    """
+    value = jnp.asarray(value)
+    if value.shape != feature_shape:
+        raise ValueError(
+            f"`{name}` has shape {value.shape}, but {context} has feature shape {feature_shape}."
+        )
+    return check_input(value, name)
+
+
+def check_params(
+    params: Mapping[str, Any] | None,
+    feature_shape: tuple[int, ...],
+    context: str,
+    *,
+    gate: bool = False,
+) -> tuple[jax.Array | None, jax.Array | None, jax.Array | None]:
+    """Returns (scale, bias, rho), each None when absent; `gate` requires `params["rho"]`."""
+    if gate and (not isinstance(params, Mapping) or params.get("rho") is None):
+        got = sorted(params) if isinstance(params, Mapping) else type(params)
+        raise ValueError(
+            f'`params` must hold the gate "rho" (feature-shaped) for instance_renorm, got {got}.'
+        )
+    if params is None:
+        return None, None, None
+    if not isinstance(params, Mapping):
+        raise TypeError(
+            f"`params` must be a mapping with optional 'scale' and 'bias', got {type(params)}."
+        )
+    keys = ("scale", "bias", "rho") if gate else ("scale", "bias")
+    unknown = set(params) - set(keys)
+    if unknown:
+        raise ValueError(
+            f"`params` has unexpected keys {sorted(unknown)}; only 'scale' and 'bias' are used"
+            + (" (with the gate 'rho')." if gate else ".")
+        )
+    checked = {
+        key: check_feature_array(params[key], f'params["{key}"]', feature_shape, context)
+        for key in keys
+        if params.get(key) is not None
+    }
+    return checked.get("scale"), checked.get("bias"), checked.get("rho")
+
+
+def check_batch_stats(
+    batch_stats: Mapping[str, Any], feature_shape: tuple[int, ...], context: str
+) -> tuple[jax.Array, jax.Array]:
+    """Returns (mean, var) from a `batch_stats` mapping."""
+    if not isinstance(batch_stats, Mapping) or not {"mean", "var"} <= set(batch_stats):
+        got = sorted(batch_stats) if isinstance(batch_stats, Mapping) else type(batch_stats)
+        raise ValueError(
+            "`batch_stats` must be a mapping with 'mean' and 'var' "
+            f"(see `jaxrenorm.init_batch_stats`), got {got}."
+        )
+    return tuple(
+        check_feature_array(batch_stats[key], f'batch_stats["{key}"]', feature_shape, context)
+        for key in ("mean", "var")
+    )
+
+
+def check_feature_shape(feature_shape: int | Sequence[int]) -> tuple[int, ...]:
+    """Returns a feature shape (an int or a sequence of them) as a tuple of ints >= 0."""
+    is_int = lambda s: isinstance(s, int | np.integer) and not isinstance(s, bool)  # noqa: E731
+    shape = (feature_shape,) if not isinstance(feature_shape, Sequence) else tuple(feature_shape)
+    if not all(is_int(s) and s >= 0 for s in shape):
+        raise ValueError(
+            f"`feature_shape` must be a non-negative int or tuple of them, got {feature_shape!r}."
+        )
+    return tuple(int(s) for s in shape)
+
+
+# --- settings -----------------------------------------------------------------
+
+
+def check_floating_dtype(dtype: Any, name: str = "dtype") -> None:
+    """Raises unless `dtype` is a real or complex floating-point dtype."""
+    if not jnp.issubdtype(dtype, jnp.inexact):
+        raise TypeError(f"`{name}` must be a floating-point dtype, got {jnp.dtype(dtype).name}.")
 
 
 def _concrete(value: Any) -> float | None:
@@ -164,17 +220,128 @@ def check_scalar(value: Any, name: str, low: float, high: float | None = None) -
         raise ValueError(f"`{name}` must be {bound}, got {v}.")
 
 
-def check_virtual_batch(v: Any, x_shape: tuple[int, ...], feature_axes: tuple[int, ...]) -> None:
+def check_positive_int(value: Any, name: str) -> None:
+    """Raises unless `value` is a positive Python or NumPy int (not a bool or a float)."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
+        raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+
+def check_renorm(r_max: Any, d_max: Any, dtype: jnp.dtype, caller: str) -> None:
+    """Batch Renormalization's bounds, and a real input (r and d are clipped as reals)."""
+    check_scalar(r_max, "r_max", 1.0)
+    check_scalar(d_max, "d_max", 0.0)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        raise TypeError(
+            f"{caller} does not support complex inputs (r and d are clipped as real numbers), "
+            f"got dtype {jnp.dtype(dtype).name}; BatchNorm (batch_norm or the BatchNorm "
+            "modules) supports them."
+        )
+
+
+def check_virtual_batch(v: Any, layout: Layout) -> None:
     """Virtual batches split axis 0 into groups of `v` examples."""
-    if isinstance(v, bool) or not isinstance(v, int | np.integer) or v < 1:
-        raise ValueError(f"`virtual_batch_size` must be a positive int, got {v!r}.")
-    if 0 in feature_axes:
+    check_positive_int(v, "virtual_batch_size")
+    if 0 in layout.feature_axes:
         raise ValueError(
             "`virtual_batch_size` groups examples along axis 0, which `axis` makes a "
-            f"feature axis (input shape {x_shape})."
+            f"feature axis (input shape {layout.shape})."
         )
-    if x_shape[0] % v:
+    if layout.shape[0] % v:
         raise ValueError(
-            f"`virtual_batch_size`={v} does not divide the batch size {x_shape[0]} "
-            f"(axis 0 of the input, shape {x_shape})."
+            f"`virtual_batch_size`={v} does not divide the batch size {layout.shape[0]} "
+            f"(axis 0 of the input, shape {layout.shape})."
         )
+
+
+def check_groups_over_shards(v: int, batch: int, shards: int, spec: Any) -> None:
+    """Virtual groups of an explicitly sharded batch must spread evenly over the shards."""
+    if (batch // v) % shards:
+        raise ValueError(
+            f"`virtual_batch_size`={v} splits the batch of {batch} into {batch // v} "
+            f"groups, which cannot be spread evenly over the {shards} shards of axis 0 "
+            f"(sharded over {spec!r}); choose a size that makes the number of groups a "
+            f"multiple of {shards}, e.g. {batch // shards}."
+        )
+
+
+def check_ramp(begin: int, end: int, name: str) -> None:
+    """A schedule's ramp runs from step `begin` to step `end`."""
+    if not 0 <= begin <= end:
+        raise ValueError(f"{name}: need 0 <= begin <= end, got begin={begin}, end={end}.")
+
+
+# --- modules and tools --------------------------------------------------------
+
+
+def check_statistics_present(layer: str, missing: Sequence[str], x_shape: tuple[int, ...]) -> None:
+    """A linen layer applied to variables without its running statistics.
+
+    Flax would silently start them from 0 and 1 when the collection is mutable:
+    a checkpoint that lost its statistics must not train on.
+    """
+    if missing:
+        raise ValueError(
+            f"{layer}: the variables passed to `apply` have no batch_stats {list(missing)} for "
+            f"this layer (input shape {x_shape}). Pass the variables returned by `init` or "
+            "restored from a checkpoint, including the 'batch_stats' collection."
+        )
+
+
+def check_recorded(recorded: bool) -> None:
+    """`recalibrate` must have seen at least one normalization layer run."""
+    if not recorded:
+        raise ValueError(
+            "recalibrate saw no jaxrenorm normalization layer run (or no batch); check "
+            "`model`, `batches` and that the layers are jaxrenorm.linen modules."
+        )
+
+
+def check_batch_dependence_input(x_shape: tuple[int, ...]) -> None:
+    """`batch_dependence` swaps batch-mates: it needs a batch of at least 4."""
+    if not x_shape or x_shape[0] < 4:
+        raise ValueError(f"`x` needs at least 4 examples to swap batch-mates, got shape {x_shape}.")
+
+
+def check_batch_dependence_output(x_shape: tuple[int, ...], out_shape: tuple[int, ...]) -> None:
+    """`batch_dependence` compares outputs example by example."""
+    if out_shape[:1] != x_shape[:1]:
+        raise ValueError(
+            f"`apply_fn` must keep the batch size: input shape {x_shape}, output {out_shape}."
+        )
+
+
+# --- PyTorch state dicts ------------------------------------------------------
+
+
+def check_torch_momentum(momentum: float | None) -> None:
+    """PyTorch's momentum: a weight in [0, 1], not None (its cumulative average)."""
+    if momentum is None:
+        raise ValueError(
+            "PyTorch's momentum=None (a cumulative average) has no exponential-moving-"
+            "average equivalent; use jaxrenorm.recalibrate for exact population statistics."
+        )
+    check_scalar(momentum, "momentum", 0.0, 1.0)
+
+
+def check_state_dict(state_dict: Mapping[str, Any], prefix: str) -> None:
+    """A BatchNorm state dict holds running statistics under `prefix`."""
+    missing = [k for k in ("running_mean", "running_var") if prefix + k not in state_dict]
+    if missing:
+        raise ValueError(
+            f"state_dict has no {[prefix + k for k in missing]}: check `prefix` (the "
+            "submodule's name followed by a dot, e.g. 'bn1.'); a BatchNorm created with "
+            "track_running_stats=False has no running statistics to import. "
+            f"Keys present: {sorted(state_dict)[:10]}."
+        )
+
+
+def check_state_dict_entries(entries: Mapping[str, np.ndarray]) -> None:
+    """A BatchNorm state dict's entries are vectors of one length."""
+    for key, array in entries.items():
+        if array.ndim != 1:
+            raise ValueError(
+                f"state_dict[{key!r}] must be one-dimensional, got shape {array.shape}."
+            )
+    shapes = {k: v.shape for k, v in entries.items()}
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"state_dict entries have different shapes: {shapes}.")

@@ -1,28 +1,42 @@
-"""Batch Normalization and Batch Renormalization as pure functions.
+"""Batch Normalization, Batch Renormalization and InstanceRenorm as pure functions.
 
-Data flows one way: input -> moments (`_stats`) -> per-feature coefficients
-(a, c) -> output y = (x - k) * a + c, and the new running statistics.
+The three public functions and the modules share one pipeline, `_normalize`, of
+named stages with records between them:
 
-Why this shape, measured on XLA:CPU against flax.linen.BatchNorm (README,
-Performance):
+1. `_validate`: every check, once; the input's `Layout` and the feature-shaped
+   values (`PerFeature`: running mean and variance, scale, bias, gate).
+2. `_broadcast`: those values reshaped to broadcast against the input and
+   promoted to the dtype they are computed in.
+3. Either `_inference` (the running statistics), or `_train`: the training
+   forward pass under `jax.checkpoint`, itself three stages: `_batch_moments`
+   (per-example moments merged for the instance branch), `_coefficients`
+   (a, c and the renorm terms r, d), and the affine output
+   y = (x - shift) * a + c (`_affine_output`, or `_mix_instance`).
+4. `_update_running`: the new running statistics.
 
-- One multiply-add with per-feature coefficients keeps every full-size operation
-  in a single elementwise pass. Centering by the moments' own reference point k
-  (not by mean = k + m1, which rounds away the low bits on offset data) keeps the
-  output accurate to a few ulp; the per-feature offset c = b - m1 * a has the
-  cotangent sum(g), shared with the bias gradient.
-- The backward pass is JAX's own autodiff of this, under `jax.checkpoint` with a
-  policy that saves only per-feature values (reductions' results and named
-  coefficients) and prevent_cse, so XLA recomputes x - k inside the backward's
-  fused loops instead of storing full-size intermediates: forward+backward
-  0.61-0.64x Flax's time on conv activations with no full-size temporary
-  (Flax: 32 MiB), against 1.2x and 32 MiB for plain autodiff of the same
-  forward. A `custom_vjp` with the analytic backward would give the same passes
-  but break forward mode (jvp, jacfwd, hessian); autodiff keeps it for free.
+Static settings reach the checkpointed forward pass as one frozen record
+(`Plan`); traced values (the input, the per-feature values, the mask and the
+renorm bounds) are its arguments.
+
+Why this shape (the figures are in docs/benchmarks.md): one multiply-add with
+per-feature coefficients keeps every full-size operation in a single elementwise
+pass, and centering by the moments' own reference point k (not by mean = k + m1,
+which rounds away the low bits on offset data) keeps the output accurate to a few
+ulp. The backward pass is JAX's autodiff of this under `jax.checkpoint` with a
+policy that saves only per-feature values, so XLA recomputes x - k inside the
+backward's fused loops instead of storing full-size intermediates; a `custom_vjp`
+with the analytic backward would make the same passes but break forward mode
+(jvp, jacfwd, hessian).
+
+To add an option: a field of `Options` (with the public default), the keyword in
+the signatures of the public functions that take it, and its use in the one stage
+it concerns. The modules pass every field they hold under an `Options` name
+(`jaxrenorm._layers`), so a field of that name on the module is all they need.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -36,25 +50,53 @@ from jax.sharding import PartitionSpec as P
 
 from jaxrenorm._checks import (
     Axes,
+    Layout,
     check_batch_stats,
-    check_feature_array,
-    check_input,
+    check_feature_shape,
+    check_floating_dtype,
+    check_groups_over_shards,
+    check_instance_layout,
     check_layout,
     check_mask,
     check_params,
+    check_renorm,
     check_scalar,
     check_virtual_batch,
 )
-from jaxrenorm._stats import (
-    Moments,
-    compute_moments,
-    explicit_sharding,
-    merge_moments,
-    stats_dtype,
-)
+from jaxrenorm._stats import Moments, compute_moments, explicit_sharding, merge_moments, stats_dtype
 
 Params = Mapping[str, jax.Array | None] | None
 BatchStats = Mapping[str, jax.Array]
+
+
+class Options(NamedTuple):
+    """Every keyword of `batch_norm`, `batch_renorm` and `instance_renorm`, as one record.
+
+    The defaults are the public functions'. `r_max` None is plain BatchNorm (no
+    renormalization); `instance` mixes in instance normalization through the gate
+    `params["rho"]`.
+    """
+
+    use_running_average: bool
+    axis: Axes = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-5
+    axis_name: Any = None
+    axis_index_groups: Any = None
+    mask: jax.Array | None = None
+    use_fast_variance: bool = True
+    dtype: Any = None
+    virtual_batch_size: int | None = None
+    bessel_correction: bool = False
+    r_max: Any = None
+    d_max: Any = None
+    grad_through_batch_moments: bool = True
+    instance: bool = False
+
+    @classmethod
+    def of(cls, keywords: Mapping[str, Any], **extra: Any) -> Options:
+        """The options among `keywords` (a public function's `locals()`), and `extra`."""
+        return cls(**{k: v for k, v in keywords.items() if k in cls._fields}, **extra)
 
 
 def init_batch_stats(
@@ -75,15 +117,8 @@ def init_batch_stats(
       >>> jax_stats["mean"].tolist(), jax_stats["var"].tolist()
       ([0.0, 0.0, 0.0], [1.0, 1.0, 1.0])
     """
-    is_int = lambda s: isinstance(s, int | np.integer) and not isinstance(s, bool)  # noqa: E731
-    shape = (feature_shape,) if not isinstance(feature_shape, Sequence) else tuple(feature_shape)
-    if not all(is_int(s) and s >= 0 for s in shape):
-        raise ValueError(
-            f"`feature_shape` must be a non-negative int or tuple of them, got {feature_shape!r}."
-        )
-    shape = tuple(int(s) for s in shape)
-    if not jnp.issubdtype(dtype, jnp.inexact):
-        raise TypeError(f"`dtype` must be floating point, got {jnp.dtype(dtype).name}.")
+    shape = check_feature_shape(feature_shape)
+    check_floating_dtype(dtype)
     return {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, dtype)}
 
 
@@ -175,23 +210,8 @@ def batch_norm(
       >>> bool(jnp.allclose(y.mean(0), 0, atol=1e-5))
       True
     """
-    return _normalize(
-        x,
-        params,
-        batch_stats,
-        use_running_average=use_running_average,
-        axis=axis,
-        momentum=momentum,
-        epsilon=epsilon,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        mask=mask,
-        use_fast_variance=use_fast_variance,
-        dtype=dtype,
-        virtual_batch_size=virtual_batch_size,
-        renorm=None,
-        bessel_correction=bessel_correction,
-    )[:2]
+    # Every keyword of the signature is a field of `Options`.
+    return _normalize(x, params, batch_stats, Options.of(locals()), "batch_norm")[:2]
 
 
 def batch_renorm(
@@ -268,23 +288,7 @@ def batch_renorm(
       >>> y.shape
       (4, 3)
     """
-    return _normalize(
-        x,
-        params,
-        batch_stats,
-        use_running_average=use_running_average,
-        axis=axis,
-        momentum=momentum,
-        epsilon=epsilon,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        mask=mask,
-        use_fast_variance=use_fast_variance,
-        dtype=dtype,
-        virtual_batch_size=virtual_batch_size,
-        renorm=Renorm(r_max, d_max, grad_through_batch_moments),
-        bessel_correction=bessel_correction,
-    )[:2]
+    return _normalize(x, params, batch_stats, Options.of(locals()), "batch_renorm")[:2]
 
 
 def instance_renorm(
@@ -356,39 +360,40 @@ def instance_renorm(
       >>> y.shape
       (4, 5, 5, 3)
     """
-    if not isinstance(params, Mapping) or params.get("rho") is None:
-        got = sorted(params) if isinstance(params, Mapping) else type(params)
-        raise ValueError(
-            f'`params` must hold the gate "rho" (feature-shaped) for instance_renorm, got {got}.'
-        )
-    params = dict(params)
-    rho = params.pop("rho")
-    return _normalize(
-        x,
-        params,
-        batch_stats,
-        use_running_average=use_running_average,
-        axis=axis,
-        momentum=momentum,
-        epsilon=epsilon,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        mask=mask,
-        use_fast_variance=use_fast_variance,
-        dtype=dtype,
-        virtual_batch_size=virtual_batch_size,
-        renorm=Renorm(r_max, d_max, grad_through_batch_moments),
-        bessel_correction=bessel_correction,
-        instance=rho,
-    )[:2]
+    options = Options.of(locals(), instance=True)
+    return _normalize(x, params, batch_stats, options, "instance_renorm")[:2]
 
 
-class Renorm(NamedTuple):
-    """Batch Renormalization's settings; `_normalize` does plain BatchNorm without them."""
+class PerFeature(NamedTuple):
+    """The per-feature values of a call: feature-shaped as validated, then broadcast.
 
-    r_max: Any
-    d_max: Any
-    grad_through_batch_moments: bool = True
+    `_broadcast` reshapes them to broadcast against the input (size 1 on the
+    reduced axes) and promotes them; a missing scale, bias or gate is None.
+    """
+
+    mean: jax.Array  # the running mean
+    var: jax.Array  # the running variance
+    scale: jax.Array | None
+    bias: jax.Array | None
+    gate: jax.Array | None  # InstanceRenorm's rho, used as clip(rho, 0, 1)
+
+
+class Plan(NamedTuple):
+    """Static settings of the forward pass, fixed before it is traced."""
+
+    reduction_axes: tuple[int, ...]
+    example_axes: tuple[int, ...]  # the instance branch's per-example axis; () without it
+    axis_name: Any
+    axis_index_groups: Any
+    use_fast_variance: bool
+    grad_through_batch_moments: bool
+    epsilon: float
+    dtype: jnp.dtype  # statistics and output are computed in it: the input's, >= float32
+
+    @property
+    def spatial_axes(self) -> tuple[int, ...]:
+        """The axes of each example's own statistics (the instance branch)."""
+        return tuple(a for a in self.reduction_axes if a not in self.example_axes)
 
 
 class RenormTerms(NamedTuple):
@@ -400,252 +405,307 @@ class RenormTerms(NamedTuple):
     d_unclipped: jax.Array
 
 
-def renorm_diagnostics(terms: RenormTerms) -> dict[str, jax.Array]:
-    """Scalar summaries of one renorm training call, over features (and groups).
-
-    `r_clipped` / `d_clipped`: fraction of features where the bound was active;
-    `r_mean_abs_dev`: mean |r - 1|; `d_mean_abs`: mean |d| (r and d as used,
-    after clipping). With r = 1 and d = 0 the layer is BatchNorm; large values
-    mean the batch statistics disagree with the running ones.
-    """
-    return {
-        "r_clipped": jnp.mean((terms.r != terms.r_unclipped).astype(jnp.float32)),
-        "d_clipped": jnp.mean((terms.d != terms.d_unclipped).astype(jnp.float32)),
-        "r_mean_abs_dev": jnp.mean(jnp.abs(terms.r - 1)),
-        "d_mean_abs": jnp.mean(jnp.abs(terms.d)),
-    }
-
-
-_LAYER_OPTIONS = (
-    "axis",
-    "momentum",
-    "epsilon",
-    "axis_name",
-    "axis_index_groups",
-    "use_fast_variance",
-    "virtual_batch_size",
-    "bessel_correction",
-)
-
-
-def layer_options(layer: Any, **overrides: Any) -> dict[str, Any]:
-    """The `_normalize` keywords a module stores under the same attribute names.
-
-    One mapping from module fields to the pure function's arguments, shared by the
-    linen and NNX modules.
-    """
-    return {name: getattr(layer, name) for name in _LAYER_OPTIONS} | overrides
-
-
 def _normalize(
     x: jax.Array,
     params: Params,
     batch_stats: BatchStats,
-    *,
-    use_running_average: bool,
-    axis: Axes,
-    momentum: float,
-    epsilon: float,
-    axis_name: str | None,
-    axis_index_groups: Any,
-    mask: jax.Array | None,
-    use_fast_variance: bool,
-    dtype: jnp.dtype | None,
-    virtual_batch_size: int | None,
-    renorm: Renorm | None,
-    bessel_correction: bool = False,
-    instance: jax.Array | None = None,
+    options: Options,
+    caller: str,
+    layout: Layout | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array], RenormTerms | None]:
-    """The shared body of `batch_norm` (renorm=None), `batch_renorm` and `instance_renorm`.
+    """The pipeline behind the public functions and the modules (see the module docstring).
 
-    `instance`, if given, is the gate rho (feature-shaped): the output mixes the
-    batch branch with instance normalization over the spatial axes (see
-    `instance_renorm`), and the batch moments are merged from the per-example ones.
-    Returns the output, the new batch statistics and, for a renorm training call,
-    the r and d terms (for diagnostics).
+    `caller` names the public function or module in error messages; `layout` is
+    the input's when the caller has already checked it (the linen modules, which
+    need the feature shape to create their variables). Returns the output, the new
+    batch statistics and, for a renorm training call, the r and d terms.
     """
-    x = check_input(x)
-    feature_axes, reduction_axes = check_layout(x.shape, axis)
-    feature_shape = tuple(x.shape[a] for a in feature_axes)
-    scale, bias = check_params(params, feature_shape, x.shape, axis)
-    run_mean, run_var = check_batch_stats(batch_stats, feature_shape, x.shape, axis)
-    check_scalar(momentum, "momentum", 0.0, 1.0)
-    check_scalar(epsilon, "epsilon", 0.0)
-    if mask is not None:
-        mask = check_mask(mask, x.shape)
-    if dtype is not None and not jnp.issubdtype(dtype, jnp.inexact):
-        raise TypeError(f"`dtype` must be a floating-point dtype, got {jnp.dtype(dtype).name}.")
-    example_axes: tuple[int, ...] = ()
-    if instance is not None:
-        instance = check_feature_array(instance, 'params["rho"]', feature_shape, x.shape, axis)
-        if 0 in feature_axes or len(reduction_axes) < 2:
-            raise ValueError(
-                "Instance normalization needs axis 0 as the batch axis and at least one "
-                "spatial axis (neither batch nor feature), e.g. an input of shape (N, H, W, C) "
-                f"with axis=-1; got an input of shape {x.shape} with axis={axis!r}."
-            )
-        example_axes = (0,)
-    if renorm is not None:
-        check_scalar(renorm.r_max, "r_max", 1.0)
-        check_scalar(renorm.d_max, "d_max", 0.0)
-        if jnp.iscomplexobj(x):
-            raise TypeError(
-                "batch_renorm does not support complex inputs (r and d are clipped as real "
-                f"numbers), got dtype {x.dtype}; use batch_norm."
-            )
-    out_dtype = x.dtype if dtype is None else jnp.dtype(dtype)
-    cdtype = stats_dtype(x.dtype)
-    rdtype = jnp.finfo(cdtype).dtype  # the real dtype of variances
-
-    if use_running_average:
-        mean_k, var_k, scale_k, bias_k, rho_k = _per_feature(
-            x.shape,
-            reduction_axes,
-            (run_mean, cdtype),
-            (run_var, rdtype),
-            (scale, rdtype),
-            (bias, cdtype),
-            (instance, rdtype),
-        )
-        a = lax.rsqrt(var_k + epsilon)
-        a = a if scale_k is None else a * scale_k
-        xc = x.astype(cdtype)
-        if rho_k is None:
-            y = _plus((xc - mean_k) * a, bias_k)
-        else:
-            spatial = tuple(ax for ax in reduction_axes if ax not in example_axes)
-            parts = compute_moments(x, spatial, mask=mask, use_fast_variance=use_fast_variance)
-            y = _mix_instance(
-                xc, mask, mean_k, a, bias_k, parts, _unit_gate(rho_k), scale_k, bias_k, epsilon
-            )
+    x, layout, options, values = _validate(x, params, batch_stats, options, caller, layout)
+    plan = _plan(layout, options, x.dtype)
+    per_feature = _broadcast(values, layout, plan.dtype)
+    out_dtype = x.dtype if options.dtype is None else jnp.dtype(options.dtype)
+    if options.use_running_average:
+        y = _inference(plan, x, per_feature, options.mask)
         return y.astype(out_dtype), dict(batch_stats), None
-
-    # Inference ignores virtual batches, so an eval batch of any size is fine.
-    if virtual_batch_size is not None:
-        check_virtual_batch(virtual_batch_size, x.shape, feature_axes)
-    grouped = virtual_batch_size is not None and virtual_batch_size != x.shape[0]
-    xw = x  # the working view, in the input dtype (`core` widens it once)
-    if grouped:
-        # (N, ...) -> (N / v, v, ...): axis 0 indexes groups, which keep their own
-        # statistics, and every other axis shifts by one.
-        xw = _split_groups(x, virtual_batch_size)
-        reduction_axes = (1, *(a + 1 for a in reduction_axes if a != 0))
-        example_axes = (1,) if instance is not None else ()
-        mask = None if mask is None else _group_mask(mask, x.shape, virtual_batch_size)
-        axis_name = None  # groups are local to each device
-    mean_k, var_k, scale_k, bias_k, rho_k = _per_feature(
-        xw.shape,
-        (0, *reduction_axes) if grouped else reduction_axes,
-        (run_mean, cdtype),
-        (run_var, rdtype),
-        (scale, rdtype),
-        (bias, cdtype),
-        (instance, rdtype),
-    )
-
-    def core(xw, mean_k, var_k, scale_k, bias_k, rho_k, mask, clip):
-        # Widen once: every use of x then shares one conversion, so the gradient of a
-        # half-precision input is summed in float32 and rounded once (converting per
-        # use rounded each contribution to bfloat16 and let opposite ones cancel).
-        xw = xw.astype(cdtype)
-        # Across devices the shift must be the same everywhere: the running mean is.
-        shift = lax.stop_gradient(mean_k) if axis_name is not None else None
-        options = dict(
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            use_fast_variance=use_fast_variance,
-            shift=shift,
-        )
-        if rho_k is None:
-            m = compute_moments(xw, reduction_axes, mask=mask, **options)
-        else:
-            # One pass over the data: per-example moments (each with its own shift, so
-            # an example's small spread survives its offset), merged into the batch's.
-            spatial = tuple(ax for ax in reduction_axes if ax not in example_axes)
-            parts = compute_moments(xw, spatial, mask=mask, use_fast_variance=use_fast_variance)
-            parts = Moments(*(_per_feature_value(v) for v in parts))
-            m = merge_moments(parts, example_axes, **options)
-        m = Moments(*(_per_feature_value(v) for v in m))
-        if renorm is not None and not renorm.grad_through_batch_moments:
-            m = m._replace(offset=lax.stop_gradient(m.offset), var=lax.stop_gradient(m.var))
-        inv_std = lax.rsqrt(m.var + epsilon)
-        terms = None
-        if clip is None:
-            a, b = inv_std, None
-        else:
-            r_max, d_max = clip
-            inv_run_std = lax.rsqrt(var_k + epsilon)
-            r_raw = lax.stop_gradient(jnp.sqrt(m.var + epsilon) * inv_run_std)
-            d_raw = lax.stop_gradient(((m.shift - mean_k) + m.offset) * inv_run_std)
-            terms = RenormTerms(
-                r=jnp.clip(r_raw, 1.0 / r_max, r_max),
-                d=jnp.clip(d_raw, -d_max, d_max),
-                r_unclipped=r_raw,
-                d_unclipped=d_raw,
-            )
-            a, b = inv_std * terms.r, terms.d
-        if scale_k is not None:
-            a = a * scale_k
-            b = None if b is None else b * scale_k
-        a, b = _per_feature_value(a), _per_feature_value(_plus(b, bias_k))
-        # y = ((x - k) - m1) * a + b, written so that the backward pass needs only the
-        # per-feature sums of g and of g * (x - k): the cotangent of the per-feature
-        # offset b - m1 * a is sum(g), shared with the bias gradient.
-        c = _per_feature_value(_plus(b, -m.offset * a))
-        xc = xw
-        if rho_k is not None:
-            gate = _unit_gate(rho_k)
-            y = _mix_instance(xc, mask, m.shift, a, c, parts, gate, scale_k, bias_k, epsilon)
-            return y, m, terms
-        if mask is not None:
-            # A masked position that is not finite would put 0 * NaN into the gradient
-            # of a and b even when the loss ignores it; normalize the shift there.
-            xc = jnp.where(mask | jnp.isfinite(xc), xc, m.shift)
-        return (xc - m.shift) * a + c, m, terms
-
-    clip = None if renorm is None else (renorm.r_max, renorm.d_max)
-    # Rematerialize the full-size intermediates in the backward pass from x instead
-    # of keeping them: the layer is memory-bound, so recomputing an elementwise
-    # expression inside the backward's fused loops is free, and storing it is not.
-    # Only per-feature values are saved (see `_per_feature_value`).
-    core = jax.checkpoint(core, policy=_SAVE_PER_FEATURE, prevent_cse=True)
-    y, m, terms = core(xw, mean_k, var_k, scale_k, bias_k, rho_k, mask, clip)
-    if grouped:
-        y = _merge_groups(y)
-    new_stats = _update_running(
-        batch_stats, run_mean, run_var, m, momentum, grouped, bessel_correction
-    )
+    group = _virtual_group(options, layout)
+    bounds = None if options.r_max is None else (options.r_max, options.d_max)
+    y, moments, terms = _train(plan, x, per_feature, options.mask, bounds, group)
+    new_stats = _update_running(batch_stats, values, moments, options, grouped=group is not None)
     return y.astype(out_dtype), new_stats, terms
 
 
+# --- stage 1: validate; stage 2: broadcast -------------------------------------
+
+
+def _validate(
+    x: jax.Array,
+    params: Params,
+    batch_stats: BatchStats,
+    options: Options,
+    caller: str,
+    layout: Layout | None,
+) -> tuple[jax.Array, Layout, Options, PerFeature]:
+    """Every check of a call, once (`jaxrenorm._checks`).
+
+    Returns the input as an array, its layout, the options with the mask as a
+    boolean array, and the feature-shaped values.
+    """
+    if layout is None:
+        x, layout = check_layout(x, options.axis)
+    features, context = layout.feature_shape, layout.context
+    scale, bias, gate = check_params(params, features, context, gate=options.instance)
+    mean, var = check_batch_stats(batch_stats, features, context)
+    check_scalar(options.momentum, "momentum", 0.0, 1.0)
+    check_scalar(options.epsilon, "epsilon", 0.0)
+    if options.mask is not None:
+        options = options._replace(mask=check_mask(options.mask, layout.shape))
+    if options.dtype is not None:
+        check_floating_dtype(options.dtype)
+    if options.instance:
+        check_instance_layout(layout)
+    if options.r_max is not None:
+        check_renorm(options.r_max, options.d_max, x.dtype, caller)
+    # Inference ignores virtual batches, so an eval batch of any size is fine.
+    if options.virtual_batch_size is not None and not options.use_running_average:
+        check_virtual_batch(options.virtual_batch_size, layout)
+    return x, layout, options, PerFeature(mean, var, scale, bias, gate)
+
+
+def _plan(layout: Layout, options: Options, dtype: jnp.dtype) -> Plan:
+    """The static settings of a call over the whole batch (see `_train` for groups)."""
+    return Plan(
+        reduction_axes=layout.reduction_axes,
+        example_axes=(0,) if options.instance else (),
+        axis_name=options.axis_name,
+        axis_index_groups=options.axis_index_groups,
+        use_fast_variance=options.use_fast_variance,
+        grad_through_batch_moments=options.grad_through_batch_moments or options.r_max is None,
+        epsilon=options.epsilon,
+        dtype=stats_dtype(dtype),
+    )
+
+
+def _broadcast(values: PerFeature, layout: Layout, dtype: jnp.dtype) -> PerFeature:
+    """Feature-shaped values reshaped to broadcast against the input, and promoted.
+
+    Feature axes are sorted, so a reshape puts each value on its axis. The mean and
+    the bias are promoted to at least `dtype` (complex for a complex input), the
+    variance, scale and gate to at least its real counterpart.
+    """
+    real = jnp.finfo(dtype).dtype
+    target = tuple(1 if i in layout.reduction_axes else s for i, s in enumerate(layout.shape))
+
+    def cast(v: jax.Array | None, to: jnp.dtype) -> jax.Array | None:
+        return None if v is None else jnp.reshape(v, target).astype(jnp.promote_types(to, v.dtype))
+
+    return PerFeature(
+        mean=cast(values.mean, dtype),
+        var=cast(values.var, real),
+        scale=cast(values.scale, real),
+        bias=cast(values.bias, dtype),
+        gate=cast(values.gate, real),
+    )
+
+
+# --- stage 3: inference, or the training forward pass ---------------------------
+
+
+def _inference(
+    plan: Plan, x: jax.Array, per_feature: PerFeature, mask: jax.Array | None
+) -> jax.Array:
+    """y = (x - mean) * scale / s + bias with the running statistics, s = sqrt(var + eps).
+
+    The instance branch mixes in each example's own moments, so no example's
+    output depends on another example.
+    """
+    a = lax.rsqrt(per_feature.var + plan.epsilon)
+    a = a if per_feature.scale is None else a * per_feature.scale
+    x = x.astype(plan.dtype)
+    if per_feature.gate is None:
+        return _plus((x - per_feature.mean) * a, per_feature.bias)
+    parts = compute_moments(
+        x, plan.spatial_axes, mask=mask, use_fast_variance=plan.use_fast_variance
+    )
+    return _mix_instance(x, mask, per_feature.mean, a, per_feature.bias, parts, per_feature, plan)
+
+
+def _virtual_group(options: Options, layout: Layout) -> int | None:
+    """The size of the virtual groups a training call splits the batch into, or None."""
+    v = options.virtual_batch_size
+    return None if v is None or v == layout.shape[0] else v
+
+
+def _train(
+    plan: Plan,
+    x: jax.Array,
+    per_feature: PerFeature,
+    mask: jax.Array | None,
+    bounds: tuple[Any, Any] | None,
+    group: int | None,
+) -> tuple[jax.Array, Moments, RenormTerms | None]:
+    """The training forward pass over the batch, or over each virtual group of `group`.
+
+    Returns the output, the batch moments (per group: a leading group axis) and
+    the renorm terms (None without `bounds`, the traced or concrete (r_max, d_max)).
+    """
+    if group is not None:
+        # (N, ...) -> (N / v, v, ...): axis 0 indexes groups, which keep their own
+        # statistics (local to each device: no collective), every other axis shifts
+        # by one.
+        mask = None if mask is None else _group_mask(mask, x.shape, group)
+        x = _split_groups(x, group)
+        per_feature = PerFeature(*(None if v is None else v[None] for v in per_feature))
+        plan = plan._replace(
+            reduction_axes=(1, *(a + 1 for a in plan.reduction_axes if a != 0)),
+            example_axes=(1,) if plan.example_axes else (),
+            axis_name=None,
+        )
+    # Rematerialize the full-size intermediates in the backward pass from x instead
+    # of keeping them: the layer is memory-bound, so recomputing an elementwise
+    # expression inside the backward's fused loops is free, and storing it is not.
+    # Only per-feature values are saved (see `_save_per_feature`).
+    forward = jax.checkpoint(
+        functools.partial(_train_forward, plan), policy=_save_per_feature, prevent_cse=True
+    )
+    y, moments, terms = forward(x, per_feature, mask, bounds)
+    return (y if group is None else _merge_groups(y)), moments, terms
+
+
+def _train_forward(
+    plan: Plan,
+    x: jax.Array,
+    per_feature: PerFeature,
+    mask: jax.Array | None,
+    bounds: tuple[Any, Any] | None,
+) -> tuple[jax.Array, Moments, RenormTerms | None]:
+    """Batch moments -> coefficients -> output: the function `jax.checkpoint` wraps."""
+    # Widen once: every use of x then shares one conversion, so the gradient of a
+    # half-precision input is summed in float32 and rounded once (converting per
+    # use rounded each contribution to bfloat16 and let opposite ones cancel).
+    x = x.astype(plan.dtype)
+    moments, parts = _batch_moments(plan, x, per_feature.mean, mask)
+    if not plan.grad_through_batch_moments:
+        moments = moments._replace(
+            offset=lax.stop_gradient(moments.offset), var=lax.stop_gradient(moments.var)
+        )
+    a, c, terms = _coefficients(plan, moments, per_feature, bounds)
+    if per_feature.gate is None:
+        y = _affine_output(x, mask, moments.shift, a, c)
+    else:
+        y = _mix_instance(x, mask, moments.shift, a, c, parts, per_feature, plan)
+    return y, moments, terms
+
+
+def _batch_moments(
+    plan: Plan, x: jax.Array, running_mean: jax.Array, mask: jax.Array | None
+) -> tuple[Moments, Moments | None]:
+    """The batch's moments, and the per-example ones they merge for the instance branch."""
+    # Across devices the shift must be the same everywhere: the running mean is.
+    shift = lax.stop_gradient(running_mean) if plan.axis_name is not None else None
+    collective = dict(
+        axis_name=plan.axis_name,
+        axis_index_groups=plan.axis_index_groups,
+        use_fast_variance=plan.use_fast_variance,
+        shift=shift,
+    )
+    parts = None
+    if not plan.example_axes:
+        moments = compute_moments(x, plan.reduction_axes, mask=mask, **collective)
+    else:
+        # One pass over the data: per-example moments (each with its own shift, so
+        # an example's small spread survives its offset), merged into the batch's.
+        parts = compute_moments(
+            x, plan.spatial_axes, mask=mask, use_fast_variance=plan.use_fast_variance
+        )
+        parts = Moments(*(_keep(v) for v in parts))
+        moments = merge_moments(parts, plan.example_axes, **collective)
+    return Moments(*(_keep(v) for v in moments)), parts
+
+
+def _coefficients(
+    plan: Plan, moments: Moments, per_feature: PerFeature, bounds: tuple[Any, Any] | None
+) -> tuple[jax.Array, jax.Array, RenormTerms | None]:
+    """(a, c, terms) of y = (x - shift) * a + c.
+
+    BatchNorm: a = scale / s_B with s_B = sqrt(var_B + eps). Batch Renormalization
+    (with `bounds`): a = scale * r / s_B and the output gains scale * d. With
+    m1 = mean_B - shift, c = bias + scale * d - m1 * a.
+    """
+    inv_std = lax.rsqrt(moments.var + plan.epsilon)
+    terms = None
+    if bounds is None:
+        a, b = inv_std, None
+    else:
+        terms = _renorm_terms(plan, moments, per_feature, bounds)
+        a, b = inv_std * terms.r, terms.d
+    if per_feature.scale is not None:
+        a = a * per_feature.scale
+        b = None if b is None else b * per_feature.scale
+    a, b = _keep(a), _keep(_plus(b, per_feature.bias))
+    # y = ((x - k) - m1) * a + b, written so that the backward pass needs only the
+    # per-feature sums of g and of g * (x - k): the cotangent of the per-feature
+    # offset b - m1 * a is sum(g), shared with the bias gradient.
+    c = _keep(_plus(b, -moments.offset * a))
+    return a, c, terms
+
+
+def _renorm_terms(
+    plan: Plan, moments: Moments, per_feature: PerFeature, bounds: tuple[Any, Any]
+) -> RenormTerms:
+    """r = s_B / s and d = (mean_B - mean) / s against the running statistics, clipped.
+
+    Both are constants for differentiation (the paper's stop_gradient).
+    """
+    r_max, d_max = bounds
+    inv_run_std = lax.rsqrt(per_feature.var + plan.epsilon)
+    r = lax.stop_gradient(jnp.sqrt(moments.var + plan.epsilon) * inv_run_std)
+    d = lax.stop_gradient(((moments.shift - per_feature.mean) + moments.offset) * inv_run_std)
+    return RenormTerms(
+        r=jnp.clip(r, 1.0 / r_max, r_max),
+        d=jnp.clip(d, -d_max, d_max),
+        r_unclipped=r,
+        d_unclipped=d,
+    )
+
+
+def _affine_output(
+    x: jax.Array, mask: jax.Array | None, shift: jax.Array, a: jax.Array, c: jax.Array
+) -> jax.Array:
+    """y = (x - shift) * a + c: one multiply-add per element."""
+    if mask is not None:
+        # A masked position that is not finite would put 0 * NaN into the gradient
+        # of a and c even when the loss ignores it; normalize the shift there.
+        x = jnp.where(mask | jnp.isfinite(x), x, shift)
+    return (x - shift) * a + c
+
+
 def _mix_instance(
-    xc: jax.Array,
+    x: jax.Array,
     mask: jax.Array | None,
     shift: jax.Array,
     a: jax.Array,
     c: jax.Array | None,
     parts: Moments,
-    gate: jax.Array,
-    scale_k: jax.Array | None,
-    bias_k: jax.Array | None,
-    epsilon: float,
+    per_feature: PerFeature,
+    plan: Plan,
 ) -> jax.Array:
-    """rho * y_B + (1 - rho) * (scale * IN(x) + bias), as one multiply-add per element.
+    """gate * y_B + (1 - gate) * (scale * IN(x) + bias), as one multiply-add per element.
 
     The batch branch is y_B = (x - shift) * a + c (scale and bias included); the
     instance branch normalizes each example with its own moments `parts`. Both are
     affine in x, so the mix is (x - k_i) * A_i + C_i with per-example, per-feature
     coefficients, centred on each example's own shift k_i for accuracy.
     """
-    a_in = lax.rsqrt(parts.var + epsilon)
-    a_in = a_in if scale_k is None else a_in * scale_k
-    a_mix = _per_feature_value(gate * a + (1 - gate) * a_in)
+    gate, scale, bias = _unit_gate(per_feature.gate), per_feature.scale, per_feature.bias
+    a_in = lax.rsqrt(parts.var + plan.epsilon)
+    a_in = a_in if scale is None else a_in * scale
+    a_mix = _keep(gate * a + (1 - gate) * a_in)
     c_batch = _plus((parts.shift - shift) * a, c)
-    c_mix = _per_feature_value(gate * c_batch + (1 - gate) * _plus(-parts.offset * a_in, bias_k))
+    c_mix = _keep(gate * c_batch + (1 - gate) * _plus(-parts.offset * a_in, bias))
     if mask is not None:
-        # As in the batch-only path: no 0 * NaN from masked positions reaches gradients.
-        xc = jnp.where(mask | jnp.isfinite(xc), xc, parts.shift)
-    return (xc - parts.shift) * a_mix + c_mix
+        # As in `_affine_output`: no 0 * NaN from masked positions reaches gradients.
+        x = jnp.where(mask | jnp.isfinite(x), x, parts.shift)
+    return (x - parts.shift) * a_mix + c_mix
 
 
 @jax.custom_vjp
@@ -674,34 +734,29 @@ def _unit_gate_bwd(rho: jax.Array, g: jax.Array) -> tuple[jax.Array]:
 _unit_gate.defvjp(_unit_gate_fwd, _unit_gate_bwd)
 
 
-_PER_FEATURE = "jaxrenorm_per_feature"
+# The checkpoint policy: the backward pass keeps the results of reductions and the
+# values marked by `_keep` (all per-feature or per-example), and recomputes the rest.
+_KEEP = "jaxrenorm_per_feature"
 _REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "psum"})
-_save_names = jax.checkpoint_policies.save_only_these_names(_PER_FEATURE)
+_save_kept = jax.checkpoint_policies.save_only_these_names(_KEEP)
 
 
-def _SAVE_PER_FEATURE(prim, *args, **params) -> bool:
-    """Checkpoint policy: keep reductions' results and named per-feature values."""
-    return prim.name in _REDUCTIONS or _save_names(prim, *args, **params)
+def _save_per_feature(prim, *args, **params) -> bool:
+    """The `jax.checkpoint` policy: save reductions' results and `_keep`-marked values."""
+    return prim.name in _REDUCTIONS or _save_kept(prim, *args, **params)
 
 
-def _per_feature_value(v: jax.Array | None) -> jax.Array | None:
-    """Marks a per-feature value as worth keeping for the backward pass."""
-    return None if v is None else checkpoint_name(v, _PER_FEATURE)
+def _keep(v: jax.Array | None) -> jax.Array | None:
+    """Marks a per-feature (or per-example) value to be saved for the backward pass."""
+    return None if v is None else checkpoint_name(v, _KEEP)
 
 
-def _per_feature(
-    shape: tuple[int, ...], reduced_axes: tuple[int, ...], *values: tuple[Any, jnp.dtype]
-) -> list[jax.Array | None]:
-    """Reshapes feature-shaped values to broadcast against `shape` (size 1 on `reduced_axes`).
+def _plus(u: jax.Array | None, v: jax.Array | None) -> jax.Array | None:
+    """u + v where None stands for an absent (zero) term."""
+    return u if v is None else (v if u is None else u + v)
 
-    Feature axes are sorted, so a reshape puts each value on its axis; each value
-    is promoted to at least the given dtype.
-    """
-    target = tuple(1 if i in reduced_axes else s for i, s in enumerate(shape))
-    return [
-        None if v is None else jnp.reshape(v, target).astype(jnp.promote_types(dt, v.dtype))
-        for v, dt in values
-    ]
+
+# --- virtual groups -------------------------------------------------------------
 
 
 def _group_mask(mask: jax.Array, x_shape: tuple[int, ...], v: int) -> jax.Array:
@@ -717,14 +772,9 @@ def _split_groups(a: jax.Array, v: int) -> jax.Array:
     if mesh is None or spec[0] is None:
         return a.reshape(shape)
     names = spec[0] if isinstance(spec[0], tuple) else (spec[0],)
-    shards = int(np.prod([mesh.shape[name] for name in names]))
-    if shape[0] % shards:
-        raise ValueError(
-            f"`virtual_batch_size`={v} splits the batch of {a.shape[0]} into {shape[0]} "
-            f"groups, which cannot be spread evenly over the {shards} shards of axis 0 "
-            f"(sharded over {spec[0]!r}); choose a size that makes the number of groups a "
-            f"multiple of {shards}, e.g. {a.shape[0] // shards}."
-        )
+    check_groups_over_shards(
+        v, a.shape[0], int(np.prod([mesh.shape[name] for name in names])), spec[0]
+    )
     out = NamedSharding(mesh, P(spec[0], None, *spec[1:]))
     return lax.reshape(a, shape, out_sharding=out)
 
@@ -738,32 +788,26 @@ def _merge_groups(a: jax.Array) -> jax.Array:
     return lax.reshape(a, shape, out_sharding=NamedSharding(mesh, P(spec[0], *spec[2:])))
 
 
-def _plus(u: jax.Array | None, v: jax.Array | None) -> jax.Array | None:
-    """u + v where None stands for an absent (zero) term."""
-    return u if v is None else (v if u is None else u + v)
+# --- stage 4: the running update ------------------------------------------------
 
 
 def _update_running(
-    batch_stats: BatchStats,
-    run_mean: jax.Array,
-    run_var: jax.Array,
-    m: Moments,
-    momentum: float,
-    grouped: bool,
-    bessel_correction: bool,
+    batch_stats: BatchStats, running: PerFeature, moments: Moments, options: Options, grouped: bool
 ) -> dict[str, jax.Array]:
     """Exponential moving averages of the batch moments, skipping non-finite features.
 
-    With virtual batches (`grouped`, groups on axis 0), the batch estimate is the
+    `running` holds the feature-shaped running mean and variance. With virtual
+    batches (`grouped`, groups on axis 0 of `moments`), the batch estimate is the
     mean over groups with a valid element of the group means and group variances.
     With `bessel_correction`, each variance is first scaled by n / (n - 1) for its
     own valid count n (left as is where n = 1).
     """
-    shape = run_mean.shape
-    mean, var = lax.stop_gradient(m.mean), lax.stop_gradient(m.var)
-    if bessel_correction:
-        var = var * jnp.where(m.count > 1, m.count / jnp.maximum(m.count - 1, 1), 1)
-    has_data = m.count > 0
+    shape, momentum = running.mean.shape, options.momentum
+    mean, var = lax.stop_gradient(moments.mean), lax.stop_gradient(moments.var)
+    count = moments.count
+    if options.bessel_correction:
+        var = var * jnp.where(count > 1, count / jnp.maximum(count - 1, 1), 1)
+    has_data = count > 0
     if grouped:
         weight = has_data.astype(var.dtype)
         groups = jnp.maximum(weight.sum(0), 1)
@@ -772,13 +816,13 @@ def _update_running(
         has_data = has_data.any(0)
     batch_mean, batch_var = mean.reshape(shape), var.reshape(shape)
     ok = jnp.isfinite(batch_mean) & jnp.isfinite(batch_var) & has_data.reshape(shape)
-    new_mean = momentum * run_mean + (1 - momentum) * batch_mean
-    new_var = momentum * run_var + (1 - momentum) * batch_var
+    new_mean = momentum * running.mean + (1 - momentum) * batch_mean
+    new_var = momentum * running.var + (1 - momentum) * batch_var
     # Keep the stored dtype (float32), unless that would drop a complex mean's
     # imaginary part.
-    mean_dtype = new_mean.dtype if jnp.iscomplexobj(new_mean) else run_mean.dtype
+    mean_dtype = new_mean.dtype if jnp.iscomplexobj(new_mean) else running.mean.dtype
     return {
         **batch_stats,
-        "mean": jnp.where(ok, new_mean, run_mean).astype(mean_dtype),
-        "var": jnp.where(ok, new_var, run_var).astype(run_var.dtype),
+        "mean": jnp.where(ok, new_mean, running.mean).astype(mean_dtype),
+        "var": jnp.where(ok, new_var, running.var).astype(running.var.dtype),
     }

@@ -12,27 +12,13 @@ within a few standard deviations of the mean is as good as the exact two-pass
 algorithm. On one device k is the first element of the batch (a sample of the
 distribution itself); across devices it must be the same on every device, so the
 caller passes the running mean (see `_norm`). The textbook E[x^2] - E[x]^2 (k = 0,
-Flax's default) loses a factor (mean / std)^2: on x = 1e4 + N(0, 1) in float32
-its variance is off by a factor of about 25.
+Flax's default) loses a factor (mean / std)^2, every digit on offset data.
 
-Speed. XLA:CPU lowers each reduction to its own kernel, and shares a common
-sub-expression between the two reductions by materializing it: writing
-`d = x - k` once makes a full-size temporary. Each reduction therefore gets its
-own copy of k (an `optimization_barrier` keeps XLA from merging them again), so
-each kernel reads x once and nothing full-size is written. Measured on the 2-core
-CPU machine against flax.linen.BatchNorm's (inaccurate) forward pass:
-
-    formulation                                   conv (64,32,32,64)  dense (4096,256)
-    E[x^2]-E[x]^2 (Flax's, inaccurate)            0.96x               0.83x
-    exact two-pass                                1.34-1.56x          1.07-1.33x
-    shifted, one shared `x - k`                   1.23-1.77x          1.36-1.78x
-    mean(x) and mean((x-k)^2) (mean rounded)      0.97x, var err 7e-3 1.10x
-    lax.reduce with two operands (variadic)       4.8x                5.9x
-    shifted, one k per reduction (this module)    1.16-1.18x          0.88x
-
-The last row keeps the variance's relative error at 6e-6 on the offset data and,
-because `_norm` normalizes with (x - k) - m1 rather than x - mean, the output's
-error at 6e-6 too (the exact two-pass, normalizing by x - mean, has 1.4e-3).
+Speed. XLA:CPU lowers each reduction to its own kernel and shares a common
+sub-expression between two reductions by writing it out in full, so each
+reduction gets its own copy of k (an `optimization_barrier` keeps XLA from
+merging them again): each kernel reads x once and nothing full-size is written.
+The measured alternatives are in docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -17,6 +17,13 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrenorm._checks import (
+    check_scalar,
+    check_state_dict,
+    check_state_dict_entries,
+    check_torch_momentum,
+)
+
 __all__ = ["from_torch_batch_norm", "momentum_from_torch", "momentum_to_torch"]
 
 
@@ -28,13 +35,7 @@ def momentum_from_torch(momentum: float) -> float:
       >>> round(interop.momentum_from_torch(0.1), 6)
       0.9
     """
-    if momentum is None:
-        raise ValueError(
-            "PyTorch's momentum=None (a cumulative average) has no exponential-moving-"
-            "average equivalent; use jaxrenorm.recalibrate for exact population statistics."
-        )
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"`momentum` must be in [0, 1], got {momentum}.")
+    check_torch_momentum(momentum)
     return 1.0 - momentum
 
 
@@ -46,21 +47,17 @@ def momentum_to_torch(momentum: float) -> float:
       >>> round(interop.momentum_to_torch(0.99), 6)
       0.01
     """
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"`momentum` must be in [0, 1], got {momentum}.")
+    check_scalar(momentum, "momentum", 0.0, 1.0)
     return 1.0 - momentum
 
 
-def _to_numpy(value: Any, key: str) -> np.ndarray:
+def _to_numpy(value: Any) -> np.ndarray:
     if hasattr(value, "detach"):  # a torch.Tensor, without importing torch
         value = value.detach().cpu().numpy()
     # Copy: `.numpy()` shares memory with the tensor and JAX may alias a NumPy buffer
     # on CPU, so PyTorch's in-place running-statistics updates would otherwise
     # rewrite the imported arrays.
-    array = np.array(value, copy=True)
-    if array.ndim != 1:
-        raise ValueError(f"state_dict[{key!r}] must be one-dimensional, got shape {array.shape}.")
-    return array
+    return np.array(value, copy=True)
 
 
 def from_torch_batch_norm(
@@ -92,27 +89,10 @@ def from_torch_batch_norm(
       >>> sorted(params), sorted(stats), stats["var"].dtype
       (['bias', 'scale'], ['mean', 'var'], dtype('float32'))
     """
-    missing = [k for k in ("running_mean", "running_var") if prefix + k not in state_dict]
-    if missing:
-        raise ValueError(
-            f"state_dict has no {[prefix + k for k in missing]}: check `prefix` (the "
-            "submodule's name followed by a dot, e.g. 'bn1.'); a BatchNorm created with "
-            "track_running_stats=False has no running statistics to import. "
-            f"Keys present: {sorted(state_dict)[:10]}."
-        )
-    stats = {
-        "mean": jnp.asarray(
-            _to_numpy(state_dict[prefix + "running_mean"], "running_mean"), jnp.float32
-        ),
-        "var": jnp.asarray(
-            _to_numpy(state_dict[prefix + "running_var"], "running_var"), jnp.float32
-        ),
-    }
-    params = {}
-    for ours, theirs in (("scale", "weight"), ("bias", "bias")):
-        if prefix + theirs in state_dict:
-            params[ours] = jnp.asarray(_to_numpy(state_dict[prefix + theirs], theirs), jnp.float32)
-    shapes = {k: v.shape for k, v in {**params, **stats}.items()}
-    if len(set(shapes.values())) != 1:
-        raise ValueError(f"state_dict entries have different shapes: {shapes}.")
-    return params, stats
+    check_state_dict(state_dict, prefix)
+    names = {"running_mean": "mean", "running_var": "var", "weight": "scale", "bias": "bias"}
+    entries = {k: _to_numpy(state_dict[prefix + k]) for k in names if prefix + k in state_dict}
+    check_state_dict_entries(entries)
+    arrays = {names[k]: jnp.asarray(v, jnp.float32) for k, v in entries.items()}
+    params = {k: arrays[k] for k in ("scale", "bias") if k in arrays}
+    return params, {"mean": arrays["mean"], "var": arrays["var"]}

@@ -17,17 +17,21 @@ from flax.linen import initializers
 from flax.linen.module import merge_param
 
 from jaxrenorm import schedules
-from jaxrenorm._checks import Axes, check_input, check_layout
-from jaxrenorm._norm import Renorm, _normalize, layer_options, renorm_diagnostics
+from jaxrenorm._checks import Axes, Layout, check_layout, check_statistics_present
+from jaxrenorm._layers import Bound, bounds_at, is_scheduled, normalize_layer, renorm_diagnostics
+from jaxrenorm._norm import RenormTerms
 
 __all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm"]
 
 Initializer = Callable[..., jax.Array]
-Bound = float | Callable[[jax.Array], jax.Array]
 
 
 class _Normalization(nn.Module):
-    """Fields and variables shared by BatchNorm and BatchRenorm (Flax's names and defaults)."""
+    """Flax's BatchNorm fields, the one `__call__`, and the hooks the layers override.
+
+    The hooks, named as in `jaxrenorm.nnx` (see `jaxrenorm._layers`): `_bounds`,
+    `_gate` and `_after_training_call`.
+    """
 
     use_running_average: bool | None = None
     axis: Axes = -1
@@ -46,53 +50,63 @@ class _Normalization(nn.Module):
     virtual_batch_size: int | None = None
     bessel_correction: bool = False
 
-    def _variables(self, x: jax.Array):
-        """Declares the variables; returns (params, running-statistics variables, out dtype)."""
-        x = check_input(x)
-        feature_axes, _ = check_layout(x.shape, self.axis)
-        feature_shape = tuple(x.shape[a] for a in feature_axes)
-        if not self.is_initializing():
-            missing = [n for n in ("mean", "var") if not self.has_variable("batch_stats", n)]
-            if missing:
-                # Flax would silently start them from 0 and 1 when the collection is
-                # mutable: a checkpoint that lost its statistics must not train on.
-                layer = "(the top-level module)" if self.name is None else repr(self.name)
-                raise ValueError(
-                    f"{type(self).__name__} {layer}: the variables passed to `apply` "
-                    f"have no batch_stats {missing} for this layer (input shape {x.shape}). "
-                    "Pass the variables returned by `init` or restored from a checkpoint, "
-                    "including the 'batch_stats' collection."
-                )
-        # Flax keeps the running statistics in float32 unless told otherwise.
-        stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-        mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, stats_dtype)
-        var = self.variable("batch_stats", "var", jnp.ones, feature_shape, stats_dtype)
-        params = {}
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """Normalizes `x`; see the class docstring. `mask` selects the elements for statistics."""
+        use_running_average = merge_param(
+            "use_running_average", self.use_running_average, use_running_average
+        )
+        x, layout = check_layout(x, self.axis)
+        mean, var = self._running_statistics(layout)
+        features, params = layout.feature_shape, {}
         if self.use_scale:
-            params["scale"] = self.param("scale", self.scale_init, feature_shape, self.param_dtype)
+            params["scale"] = self.param("scale", self.scale_init, features, self.param_dtype)
         if self.use_bias:
-            params["bias"] = self.param("bias", self.bias_init, feature_shape, self.param_dtype)
-        # As flax.linen.BatchNorm: the output dtype is inferred from input and params.
-        dtype = self.dtype if self.dtype is not None else jnp.result_type(x, *params.values())
-        return x, params, (mean, var), dtype
-
-    def _kwargs(self, use_running_average: bool, mask: jax.Array | None, dtype: Any) -> dict:
-        return layer_options(
+            params["bias"] = self.param("bias", self.bias_init, features, self.param_dtype)
+        y, new_stats, terms = normalize_layer(
             self,
+            x,
+            layout,
+            params,
+            {"mean": mean.value, "var": var.value},
             use_running_average=use_running_average,
             mask=mask,
-            dtype=dtype,
             # As in Flax, the named axis need not exist while initializing.
             axis_name=None if self.is_initializing() else self.axis_name,
         )
+        if not (use_running_average or self.is_initializing()):
+            mean.value, var.value = new_stats["mean"], new_stats["var"]
+            self._after_training_call(terms)
+        return y
 
-    def _write(self, running, new_stats: dict[str, jax.Array], use_running_average: bool) -> bool:
-        """Stores new running statistics; returns whether this call was a training step."""
-        if use_running_average or self.is_initializing():
-            return False
-        mean, var = running
-        mean.value, var.value = new_stats["mean"], new_stats["var"]
-        return True
+    def _running_statistics(self, layout: Layout):
+        """The `mean` and `var` variables, which `apply` must be given."""
+        if not self.is_initializing():
+            missing = [n for n in ("mean", "var") if not self.has_variable("batch_stats", n)]
+            layer = "(the top-level module)" if self.name is None else repr(self.name)
+            check_statistics_present(f"{type(self).__name__} {layer}", missing, layout.shape)
+        # Flax keeps the running statistics in float32 unless told otherwise.
+        dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        mean = self.variable("batch_stats", "mean", jnp.zeros, layout.feature_shape, dtype)
+        var = self.variable("batch_stats", "var", jnp.ones, layout.feature_shape, dtype)
+        return mean, var
+
+    def _bounds(self) -> tuple[Any, Any]:
+        """This call's renorm bounds (r_max, d_max); (None, None) is plain BatchNorm."""
+        return None, None
+
+    def _gate(self, feature_shape: tuple[int, ...]) -> jax.Array | None:
+        """The instance-normalization gate rho, or None."""
+        return None
+
+    def _after_training_call(self, terms: RenormTerms | None) -> None:
+        """Records what a training call leaves besides the running statistics."""
 
 
 class BatchNorm(_Normalization):
@@ -127,26 +141,6 @@ class BatchNorm(_Normalization):
       >>> sorted(updates["batch_stats"])
       ['mean', 'var']
     """
-
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        use_running_average: bool | None = None,
-        *,
-        mask: jax.Array | None = None,
-    ) -> jax.Array:
-        """Normalizes `x`; see the class docstring. `mask` selects the elements for statistics."""
-        use_running_average = merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
-        x, params, running, dtype = self._variables(x)
-        stats = {"mean": running[0].value, "var": running[1].value}
-        y, new_stats, _ = _normalize(
-            x, params, stats, renorm=None, **self._kwargs(use_running_average, mask, dtype)
-        )
-        self._write(running, new_stats, use_running_average)
-        return y
 
 
 class BatchRenorm(_Normalization):
@@ -187,51 +181,26 @@ class BatchRenorm(_Normalization):
     grad_through_batch_moments: bool = True
     diagnostics: bool = False
 
-    @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        use_running_average: bool | None = None,
-        *,
-        mask: jax.Array | None = None,
-    ) -> jax.Array:
-        """Normalizes `x`; see the class docstring. `mask` selects the elements for statistics."""
-        use_running_average = merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
-        x, params, running, dtype = self._variables(x)
-        scheduled = callable(self.r_max) or callable(self.d_max)
-        steps, step = None, jnp.zeros((), jnp.int32)
+    def _bounds(self) -> tuple[Any, Any]:
+        step = jnp.zeros((), jnp.int32)
         # A checkpoint without `steps` (e.g. written by flax.linen.BatchNorm) counts
         # from 0: created when the statistics are mutable, read as 0 otherwise.
-        if scheduled and (
+        if self._counts_steps() and (
             self.has_variable("batch_stats", "steps") or self.is_mutable_collection("batch_stats")
         ):
-            steps = self.variable("batch_stats", "steps", jnp.zeros, (), jnp.int32)
-            step = steps.value
-        r_max, d_max = self.r_max, self.d_max
-        r_max = r_max(step) if callable(r_max) else r_max
-        d_max = d_max(step) if callable(d_max) else d_max
-        stats = {"mean": running[0].value, "var": running[1].value}
-        y, new_stats, terms = _normalize(
-            x,
-            params,
-            stats,
-            renorm=Renorm(r_max, d_max, self.grad_through_batch_moments),
-            instance=self._gate(running[0].value.shape),
-            **self._kwargs(use_running_average, mask, dtype),
-        )
-        if self._write(running, new_stats, use_running_average):
-            if steps is not None:
-                steps.value = steps.value + 1
-            if self.diagnostics:
-                for name, value in renorm_diagnostics(terms).items():
-                    self.sow("intermediates", name, value)
-        return y
+            step = self.variable("batch_stats", "steps", jnp.zeros, (), jnp.int32).value
+        return bounds_at(self.r_max, self.d_max, step)
 
-    def _gate(self, feature_shape: tuple[int, ...]) -> jax.Array | None:
-        """The instance-normalization gate rho; BatchRenorm has none."""
-        return None
+    def _after_training_call(self, terms: RenormTerms | None) -> None:
+        if self._counts_steps():
+            steps = self.get_variable("batch_stats", "steps")
+            self.put_variable("batch_stats", "steps", steps + 1)
+        if self.diagnostics:
+            for name, value in renorm_diagnostics(terms).items():
+                self.sow("intermediates", name, value)
+
+    def _counts_steps(self) -> bool:
+        return is_scheduled(self.r_max, self.d_max)
 
 
 class InstanceRenorm(BatchRenorm):

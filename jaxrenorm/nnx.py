@@ -18,11 +18,11 @@ from flax.nnx import initializers
 from flax.nnx.module import first_from
 
 from jaxrenorm import schedules
-from jaxrenorm._norm import Renorm, _normalize, layer_options, renorm_diagnostics
+from jaxrenorm._checks import check_layout
+from jaxrenorm._layers import Bound, bounds_at, is_scheduled, normalize_layer, renorm_diagnostics
+from jaxrenorm._norm import RenormTerms
 
 __all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm"]
-
-Bound = float | Callable[[jax.Array], jax.Array]
 _ZEROS, _ONES = initializers.zeros_init(), initializers.ones_init()  # flax.nnx's defaults
 _HALF = initializers.constant(0.5)
 
@@ -92,12 +92,6 @@ class BatchNorm(nnx.Module):
         self.virtual_batch_size = virtual_batch_size
         self.bessel_correction = bessel_correction
 
-    def _renorm(self) -> Renorm | None:
-        return None
-
-    def _gate(self) -> jax.Array | None:
-        return None
-
     def __call__(
         self,
         x: jax.Array,
@@ -112,21 +106,17 @@ class BatchNorm(nnx.Module):
             error_msg="Pass `use_running_average` to the constructor or the call, or use "
             "`.train()` / `.eval()`.",
         )
-        params = {}
-        if self.scale is not None:
-            params["scale"] = self.scale[...]
-        if self.bias is not None:
-            params["bias"] = self.bias[...]
-        stats = {"mean": self.mean[...], "var": self.var[...]}
-        # As flax.nnx.BatchNorm: the output dtype is inferred from input and variables.
-        dtype = self.dtype if self.dtype is not None else jnp.result_type(x, *params.values())
-        y, new_stats, terms = _normalize(
+        x, layout = check_layout(x, self.axis)
+        affine = {"scale": self.scale, "bias": self.bias}
+        params = {name: v[...] for name, v in affine.items() if v is not None}
+        y, new_stats, terms = normalize_layer(
+            self,
             x,
+            layout,
             params,
-            stats,
-            renorm=self._renorm(),
-            instance=self._gate(),
-            **layer_options(self, use_running_average=use_running_average, mask=mask, dtype=dtype),
+            {"mean": self.mean[...], "var": self.var[...]},
+            use_running_average=use_running_average,
+            mask=mask,
         )
         if not use_running_average:
             self.mean[...] = new_stats["mean"]
@@ -134,8 +124,18 @@ class BatchNorm(nnx.Module):
             self._after_training_call(terms)
         return y
 
-    def _after_training_call(self, terms) -> None:
-        pass
+    # The hooks, named as in `jaxrenorm.linen` (see `jaxrenorm._layers`).
+
+    def _bounds(self) -> tuple[Any, Any]:
+        """This call's renorm bounds (r_max, d_max); (None, None) is plain BatchNorm."""
+        return None, None
+
+    def _gate(self, feature_shape: tuple[int, ...]) -> jax.Array | None:
+        """The instance-normalization gate rho, or None."""
+        return None
+
+    def _after_training_call(self, terms: RenormTerms | None) -> None:
+        """Records what a training call leaves besides the running statistics."""
 
 
 class BatchRenorm(BatchNorm):
@@ -174,18 +174,14 @@ class BatchRenorm(BatchNorm):
         self.d_max = d_max
         self.grad_through_batch_moments = grad_through_batch_moments
         self.diagnostics = diagnostics
-        scheduled = callable(r_max) or callable(d_max)
+        scheduled = is_scheduled(r_max, d_max)
         self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32)) if scheduled else nnx.data(None)
 
-    def _renorm(self) -> Renorm:
-        r_max, d_max = self.r_max, self.d_max
-        if self.steps is not None:
-            step = self.steps[...]
-            r_max = r_max(step) if callable(r_max) else r_max
-            d_max = d_max(step) if callable(d_max) else d_max
-        return Renorm(r_max, d_max, self.grad_through_batch_moments)
+    def _bounds(self) -> tuple[Any, Any]:
+        step = None if self.steps is None else self.steps[...]
+        return bounds_at(self.r_max, self.d_max, step)
 
-    def _after_training_call(self, terms) -> None:
+    def _after_training_call(self, terms: RenormTerms | None) -> None:
         if self.steps is not None:
             self.steps[...] = self.steps[...] + 1
         if self.diagnostics:
@@ -220,5 +216,5 @@ class InstanceRenorm(BatchRenorm):
         super().__init__(num_features, rngs=rngs, **kwargs)
         self.rho = nnx.Param(rho_init(rngs.params(), (num_features,), self.param_dtype))
 
-    def _gate(self) -> jax.Array:
+    def _gate(self, feature_shape: tuple[int, ...]) -> jax.Array:
         return self.rho[...]

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import optax
 
+from jaxrenorm._checks import check_positive_int, check_ramp, check_scalar
+
 __all__ = [
     "PAPER_D_MAX",
     "PAPER_R_MAX",
@@ -22,8 +24,7 @@ __all__ = [
 
 
 def _ramp(start: float, final: float, begin: int, end: int, name: str) -> optax.Schedule:
-    if not 0 <= begin <= end:
-        raise ValueError(f"{name}: need 0 <= begin <= end, got begin={begin}, end={end}.")
+    check_ramp(begin, end, name)
     if begin == end:  # a step, which linear_schedule would turn into a constant `start`
         return optax.join_schedules(
             [optax.constant_schedule(start), optax.constant_schedule(final)], boundaries=[begin]
@@ -44,8 +45,7 @@ def r_max_schedule(final: float = 3.0, begin: int = 5_000, end: int = 40_000) ->
       >>> [round(float(s(t)), 3) for t in (0, 5_000, 22_500, 40_000, 99_999)]
       [1.0, 1.0, 2.0, 3.0, 3.0]
     """
-    if final < 1:
-        raise ValueError(f"r_max_schedule: `final` must be >= 1, got {final}.")
+    check_scalar(final, "final", 1.0)
     return _ramp(1.0, final, begin, end, "r_max_schedule")
 
 
@@ -60,8 +60,7 @@ def d_max_schedule(final: float = 5.0, begin: int = 5_000, end: int = 25_000) ->
       >>> [round(float(s(t)), 3) for t in (0, 5_000, 15_000, 25_000)]
       [0.0, 0.0, 2.5, 5.0]
     """
-    if final < 0:
-        raise ValueError(f"d_max_schedule: `final` must be >= 0, got {final}.")
+    check_scalar(final, "final", 0.0)
     return _ramp(0.0, final, begin, end, "d_max_schedule")
 
 
@@ -91,13 +90,9 @@ def scaled_paper_schedules(
       >>> [round(float(d(t)), 3) for t in (100, 300, 500)]
       [0.0, 2.5, 5.0]
     """
-    if not isinstance(total_steps, int) or total_steps < 1:
-        raise ValueError(f"`total_steps` must be a positive int, got {total_steps!r}.")
-    if not (r_max >= 1 and d_max >= 0):
-        raise ValueError(
-            f"scaled_paper_schedules: `r_max` must be >= 1 and `d_max` >= 0, got r_max={r_max}, "
-            f"d_max={d_max}."
-        )
+    check_positive_int(total_steps, "total_steps")
+    check_scalar(r_max, "r_max", 1.0)
+    check_scalar(d_max, "d_max", 0.0)
     begin = total_steps // 8
     return (
         r_max_schedule(r_max, begin=begin, end=total_steps),

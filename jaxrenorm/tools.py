@@ -11,7 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import unfreeze
 
-from jaxrenorm._checks import check_layout, check_mask
+from jaxrenorm._checks import (
+    check_batch_dependence_input,
+    check_batch_dependence_output,
+    check_batch_stats,
+    check_feature_array,
+    check_layout,
+    check_mask,
+    check_params,
+    check_recorded,
+)
+from jaxrenorm._layers import DIAGNOSTICS
 from jaxrenorm._stats import compute_moments
 
 __all__ = ["batch_dependence", "collect_diagnostics", "fold_batch_norm", "recalibrate"]
@@ -53,14 +63,13 @@ def collect_diagnostics(intermediates: Mapping[str, Any], sep: str = "/") -> dic
         for key, value in node.items():
             if isinstance(value, Mapping):
                 visit(value, (*path, key))
-            elif key in _NAMES and isinstance(value, tuple | list):
+            elif key in DIAGNOSTICS and isinstance(value, tuple | list):
                 out[sep.join((*path, key))] = jnp.mean(jnp.stack([jnp.asarray(v) for v in value]))
 
     visit(intermediates, ())
     return out
 
 
-_NAMES = frozenset({"r_clipped", "d_clipped", "r_mean_abs_dev", "d_mean_abs"})
 _RECAL = "jaxrenorm_recalibration"
 
 
@@ -129,13 +138,14 @@ def recalibrate(
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
         if isinstance(module, _Normalization) and context.method_name == "__call__":
-            x = jnp.asarray(args[0])
-            _, reduction_axes = check_layout(x.shape, module.axis)
+            x, layout = check_layout(args[0], module.axis)
             mask = kwargs.get("mask")
             mask = None if mask is None else check_mask(mask, x.shape)
-            m = compute_moments(x, reduction_axes, mask=mask)
+            m = compute_moments(x, layout.reduction_axes, mask=mask)
             stats = (m.count, m.mean, m.var * m.count)  # n, mean, M2 (sum of squares)
-            module.sow(_RECAL, "moments", tuple(jnp.squeeze(s, reduction_axes) for s in stats))
+            module.sow(
+                _RECAL, "moments", tuple(jnp.squeeze(s, layout.reduction_axes) for s in stats)
+            )
         return next_fun(*args, **kwargs)
 
     @jax.jit
@@ -156,11 +166,7 @@ def recalibrate(
         for path, calls in _leaves(jax.device_get(batch_moments(variables, batch))):
             for n, mean, m2 in calls:
                 pooled[path] = _chan_merge(pooled.get(path), n, mean, m2)
-    if not pooled:
-        raise ValueError(
-            "recalibrate saw no jaxrenorm normalization layer run (or no batch); check "
-            "`model`, `batches` and that the layers are jaxrenorm.linen modules."
-        )
+    check_recorded(bool(pooled))
     new = unfreeze(jax.tree.map(lambda a: a, dict(variables)))
     for path, (n, mean, m2) in pooled.items():
         node = new["batch_stats"]
@@ -244,40 +250,20 @@ def fold_batch_norm(
       True
     """
     kernel = jnp.asarray(kernel)
-    features = kernel.shape[-1]
-    params = params or {}
-    if set(params) - {"scale", "bias"}:
-        raise ValueError(
-            f"`params` has unexpected keys {sorted(set(params) - {'scale', 'bias'})}; "
-            "fold_batch_norm folds only 'scale' and 'bias' (the normalization's params)."
-        )
-    if not {"mean", "var"} <= set(batch_stats):
-        raise ValueError(
-            "`batch_stats` must hold the normalization's running 'mean' and 'var', got "
-            f"{sorted(batch_stats)}."
-        )
-    mean = jnp.asarray(batch_stats["mean"])
-    var = jnp.asarray(batch_stats["var"])
-    for name, value in (
-        ('batch_stats["mean"]', mean),
-        ('batch_stats["var"]', var),
-        ('params["scale"]', params.get("scale")),
-        ('params["bias"]', params.get("bias")),
-        ("bias", bias),
-    ):
-        if value is not None and jnp.shape(value) != (features,):
-            raise ValueError(
-                f"`{name}` has shape {jnp.shape(value)}, but the kernel's last (feature) "
-                f"axis has {features} features (kernel shape {kernel.shape})."
-            )
+    features = kernel.shape[-1:]
+    context = f"the kernel (shape {kernel.shape}, features on its last axis)"
+    scale, norm_bias, _ = check_params(params, features, context)
+    mean, var = check_batch_stats(batch_stats, features, context)
+    if bias is not None:
+        bias = check_feature_array(bias, "bias", features, context)
     dtype = jnp.promote_types(kernel.dtype, jnp.float32)
     a = jax.lax.rsqrt(var.astype(dtype) + epsilon)
-    if params.get("scale") is not None:
-        a = a * params["scale"]
+    if scale is not None:
+        a = a * scale
     z_bias = jnp.zeros(features, dtype) if bias is None else jnp.asarray(bias, dtype)
     new_bias = (z_bias - mean) * a
-    if params.get("bias") is not None:
-        new_bias = new_bias + params["bias"]
+    if norm_bias is not None:
+        new_bias = new_bias + norm_bias
     return (kernel * a).astype(kernel.dtype), new_bias.astype(dtype)
 
 
@@ -320,15 +306,11 @@ def batch_dependence(
       True
     """
     x = jnp.asarray(x)
+    check_batch_dependence_input(x.shape)
     n = x.shape[0]
-    if n < 4:
-        raise ValueError(f"`x` needs at least 4 examples to swap batch-mates, got shape {x.shape}.")
     k1, k2, k3 = jax.random.split(key, 3)
     base = jnp.asarray(apply_fn(x))
-    if base.shape[:1] != (n,):
-        raise ValueError(
-            f"`apply_fn` must keep the batch size: input shape {x.shape}, output {base.shape}."
-        )
+    check_batch_dependence_output(x.shape, base.shape)
     scale = float(jnp.std(base)) or 1.0
     worst = 0.0
 

@@ -1,0 +1,88 @@
+"""The glue between the modules' fields and the pure functions, shared by linen and NNX.
+
+A module field named like a field of `jaxrenorm._norm.Options` (`axis`,
+`momentum`, `epsilon`, `virtual_batch_size`, ...) is that option: adding an
+option to the pure functions and a field of the same name to the modules is all
+the modules need. What differs between the layers are three hooks, with the same
+names and meanings in both families:
+
+- `_bounds()`: this call's renorm bounds `(r_max, d_max)` (schedules evaluated
+  at the `steps` counter), or `(None, None)` for plain BatchNorm;
+- `_gate(feature_shape)`: InstanceRenorm's gate rho, or None;
+- `_after_training_call(terms)`: what a training call records besides the running
+  statistics (the `steps` counter, the diagnostics).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxrenorm._checks import Layout
+from jaxrenorm._norm import Options, RenormTerms, _normalize
+
+Bound = float | Callable[[jax.Array], jax.Array]
+
+#: The summaries of a renorm training call (`renorm_diagnostics`), in the order sown.
+DIAGNOSTICS = ("r_clipped", "d_clipped", "r_mean_abs_dev", "d_mean_abs")
+
+
+def renorm_diagnostics(terms: RenormTerms) -> dict[str, jax.Array]:
+    """Scalar summaries of one renorm training call, over features (and groups).
+
+    `r_clipped` / `d_clipped`: fraction of features where the bound was active;
+    `r_mean_abs_dev`: mean |r - 1|; `d_mean_abs`: mean |d| (r and d as used,
+    after clipping). With r = 1 and d = 0 the layer is BatchNorm; large values
+    mean the batch statistics disagree with the running ones.
+    """
+    values = (
+        jnp.mean((terms.r != terms.r_unclipped).astype(jnp.float32)),
+        jnp.mean((terms.d != terms.d_unclipped).astype(jnp.float32)),
+        jnp.mean(jnp.abs(terms.r - 1)),
+        jnp.mean(jnp.abs(terms.d)),
+    )
+    return dict(zip(DIAGNOSTICS, values, strict=True))
+
+
+def bounds_at(r_max: Bound, d_max: Bound, step: jax.Array) -> tuple[Any, Any]:
+    """The renorm bounds at training step `step`: each a constant or a schedule's value."""
+    return tuple(bound(step) if callable(bound) else bound for bound in (r_max, d_max))
+
+
+def is_scheduled(r_max: Bound, d_max: Bound) -> bool:
+    """Whether a bound is a schedule, so the layer needs its `steps` counter."""
+    return callable(r_max) or callable(d_max)
+
+
+def normalize_layer(
+    layer: Any,
+    x: jax.Array,
+    layout: Layout,
+    params: Mapping[str, jax.Array],
+    batch_stats: Mapping[str, jax.Array],
+    **overrides: Any,
+) -> tuple[jax.Array, dict[str, jax.Array], RenormTerms | None]:
+    """Runs `_normalize` on a checked input (`check_layout`) with the layer's fields as options.
+
+    `params` holds the layer's scale and bias (either may be missing); the gate,
+    if the layer has one, comes from its `_gate` hook, the bounds from `_bounds`.
+    `overrides` (the call's `use_running_average`, `mask`, ...) take precedence
+    over the fields. As in Flax, the output dtype is the layer's `dtype` or,
+    without one, the promotion of the input's and the params' dtypes.
+    """
+    dtype = layer.dtype
+    if dtype is None:
+        dtype = jnp.result_type(x, *params.values())
+    gate = layer._gate(layout.feature_shape)
+    r_max, d_max = layer._bounds()
+    fields = {name: getattr(layer, name) for name in Options._fields if hasattr(layer, name)}
+    options = Options(
+        **fields
+        | dict(dtype=dtype, r_max=r_max, d_max=d_max, instance=gate is not None)
+        | overrides
+    )
+    params = dict(params) if gate is None else {**params, "rho": gate}
+    return _normalize(x, params, batch_stats, options, type(layer).__name__, layout)
