@@ -19,7 +19,14 @@ from flax.nnx.module import first_from
 
 from jaxrenorm import schedules
 from jaxrenorm._checks import check_layout
-from jaxrenorm._layers import Bound, bounds_at, is_scheduled, normalize_layer, renorm_diagnostics
+from jaxrenorm._layers import (
+    DIAGNOSTICS,
+    Bound,
+    bounds_at,
+    is_scheduled,
+    normalize_layer,
+    renorm_diagnostics,
+)
 from jaxrenorm._norm import RenormTerms
 
 __all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm"]
@@ -147,7 +154,8 @@ class BatchRenorm(BatchNorm):
     BatchRenorm`). With a schedule the module holds an int32 `steps` BatchStat,
     incremented once per training call. With `diagnostics=True` each training call
     stores the dict of `jaxrenorm.linen.BatchRenorm`'s summaries in
-    `self.diagnostics_values`, an `nnx.Intermediate` (read it with `.get_value()`).
+    `self.diagnostics_values`, an `nnx.Intermediate` (read it with `.get_value()`;
+    zeros until the first training call).
 
     Examples:
       >>> import jax, jaxrenorm
@@ -176,6 +184,11 @@ class BatchRenorm(BatchNorm):
         self.diagnostics = diagnostics
         scheduled = is_scheduled(r_max, d_max)
         self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32)) if scheduled else nnx.data(None)
+        if diagnostics:
+            # Created now rather than by the first training call, so that the module's
+            # structure does not change then (which would retrace an `nnx.jit` step).
+            zero = jnp.zeros((), jnp.float32)
+            self.diagnostics_values = nnx.Intermediate(dict.fromkeys(DIAGNOSTICS, zero))
 
     def _bounds(self) -> tuple[Any, Any]:
         step = None if self.steps is None else self.steps[...]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -48,14 +49,6 @@ def _randomize(variables, seed=1):
     return jax.tree.unflatten(tree, new)
 
 
-def _tree_allclose(a, b, rtol=1e-5, atol=1e-5):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(
-            np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=atol
-        )
-
-
 def _tol(config):
     low = jnp.bfloat16 in (config.get("dtype"), config.get("param_dtype"))
     return dict(rtol=2e-2, atol=2e-2) if low else dict(rtol=1e-5, atol=1e-5)
@@ -67,10 +60,7 @@ def test_variables_match_flax(config):
     x = _x(shape)
     ours = jaxrenorm.linen.BatchNorm(**kw).init(jax.random.key(0), x, use_running_average=False)
     theirs = nn.BatchNorm(**kw).init(jax.random.key(0), x, use_running_average=False)
-    assert jax.tree.structure(ours) == jax.tree.structure(theirs)
-    for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(theirs), strict=True):
-        assert a.shape == b.shape and a.dtype == b.dtype
-        np.testing.assert_array_equal(a, b)
+    chex.assert_trees_all_equal(ours, theirs, strict=True)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: str(c))
@@ -88,8 +78,8 @@ def test_apply_matches_flax(config, train):
         ours = jaxrenorm.linen.BatchNorm(use_fast_variance=fast, **kw)
         y, upd = ours.apply(variables, x, use_running_average=not train, mutable=["batch_stats"])
         assert y.dtype == y_ref.dtype
-        _tree_allclose(y, y_ref, **_tol(config))
-        _tree_allclose(upd, upd_ref, **_tol(config))
+        chex.assert_trees_all_close(y, y_ref, **_tol(config))
+        chex.assert_trees_all_close(upd, upd_ref, **_tol(config))
         for a, b, v in zip(
             jax.tree.leaves(upd),
             jax.tree.leaves(upd_ref),
@@ -110,7 +100,7 @@ def test_mask_matches_flax():
     y_ref, upd_ref = theirs.apply(variables, x, mask=mask, mutable=["batch_stats"])
     ours = jaxrenorm.linen.BatchNorm(use_running_average=False)
     y, upd = ours.apply(variables, x, mask=mask, mutable=["batch_stats"])
-    _tree_allclose((y, upd), (y_ref, upd_ref))
+    chex.assert_trees_all_close((y, upd), (y_ref, upd_ref), rtol=1e-5, atol=1e-5)
 
 
 def test_complex_inputs_match_flax():
@@ -125,9 +115,7 @@ def test_complex_inputs_match_flax():
         variables, x, mutable=["batch_stats"]
     )
     assert y.dtype == y_ref.dtype
-    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(jax.tree.leaves(upd), jax.tree.leaves(upd_ref), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close((y, upd), (y_ref, upd_ref), rtol=1e-5, atol=1e-5)
 
 
 def test_training_against_reference():
@@ -430,7 +418,7 @@ def test_instance_renorm_module_ends_and_errors():
         y_brn, upd_brn = brn.apply(v_brn, xi, False, mutable=["batch_stats"])
         y_irn, upd_irn = irn.apply(v_irn, xi, False, mutable=["batch_stats"])
         np.testing.assert_allclose(y_irn, y_brn, rtol=1e-5, atol=1e-5)
-        _tree_allclose(upd_irn, upd_brn, rtol=1e-6, atol=1e-6)
+        chex.assert_trees_all_close(upd_irn, upd_brn, rtol=1e-6, atol=1e-6)
         v_brn, v_irn = {**v_brn, **upd_brn}, {**v_irn, **upd_irn}
     # rho = 0: instance normalization, the same in training and inference.
     v0 = {**v_irn, "params": {**v_irn["params"], "rho": jnp.zeros(3)}}
@@ -442,3 +430,40 @@ def test_instance_renorm_module_ends_and_errors():
         np.testing.assert_allclose(y, want, rtol=2e-5, atol=2e-5)
     with pytest.raises(ValueError, match=r"spatial axis.*\(8, 3\)"):
         jaxrenorm.linen.InstanceRenorm().init(jax.random.key(0), jnp.ones((8, 3)), False)
+
+
+def test_scheduled_training_step_traces_once():
+    """`steps` is a traced counter: the bounds move every step without recompiling."""
+    r_sched = optax.linear_schedule(1.0, 2.0, transition_steps=6)
+    d_sched = optax.linear_schedule(0.0, 1.0, transition_steps=6)
+    brn = jaxrenorm.linen.BatchRenorm(r_max=r_sched, d_max=d_sched, diagnostics=True)
+    x = _x((16, 3), seed=11, offset=2.0)
+    variables = brn.init(jax.random.key(0), x, use_running_average=False)
+    optimizer = optax.sgd(0.1)
+    opt_state = optimizer.init(variables["params"])
+
+    @jax.jit
+    @chex.assert_max_traces(n=1)
+    def step(params, batch_stats, opt_state, x):
+        def loss(params):
+            y, state = brn.apply(
+                {"params": params, "batch_stats": batch_stats},
+                x,
+                use_running_average=False,
+                mutable=["batch_stats", "intermediates"],
+            )
+            return jnp.mean((y - 1.0) ** 2), state
+
+        grads, state = jax.grad(loss, has_aux=True)(params)
+        updates, opt_state = optimizer.update(grads, opt_state)
+        d_mean_abs = jaxrenorm.collect_diagnostics(state)["d_mean_abs"]
+        return optax.apply_updates(params, updates), state["batch_stats"], opt_state, d_mean_abs
+
+    chex.clear_trace_counter()
+    params, batch_stats = variables["params"], variables["batch_stats"]
+    d_used = []
+    for _ in range(6):
+        params, batch_stats, opt_state, d_mean_abs = step(params, batch_stats, opt_state, x)
+        d_used.append(float(d_mean_abs))
+    assert int(batch_stats["steps"]) == 6
+    assert d_used[0] == 0.0 and d_used[-1] > 0.0  # d_max = 0 at step 0 only

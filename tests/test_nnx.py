@@ -2,6 +2,7 @@
 
 import functools
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -222,3 +223,30 @@ def test_nnx_shard_map_instance_renorm_matches_whole_batch():
 
 
 _ = (functools, nn)
+
+
+def test_scheduled_training_step_traces_once():
+    """`steps` is a traced BatchStat: the bounds move every step without recompiling."""
+    r_sched = optax.linear_schedule(1.0, 2.0, transition_steps=6)
+    d_sched = optax.linear_schedule(0.0, 1.0, transition_steps=6)
+    model = jaxrenorm.nnx.BatchRenorm(
+        3, r_max=r_sched, d_max=d_sched, diagnostics=True, rngs=nnx.Rngs(0)
+    )
+    optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+    x = _batches(1, shape=(16, 3), seed=11)[0] + 2.0
+
+    @nnx.jit
+    @chex.assert_max_traces(n=1)
+    def step(model, optimizer, x):
+        def loss(model):
+            return jnp.mean((model(x) - 1.0) ** 2)
+
+        optimizer.update(model, nnx.grad(loss)(model))
+
+    chex.clear_trace_counter()
+    d_used = []
+    for _ in range(6):
+        step(model, optimizer, x)
+        d_used.append(float(model.diagnostics_values.get_value()["d_mean_abs"]))
+    assert int(model.steps[...]) == 6
+    assert d_used[0] == 0.0 and d_used[-1] > 0.0  # d_max = 0 at step 0 only
