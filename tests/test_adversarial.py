@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,7 @@ import pytest
 
 import jaxrenorm
 from tests import reference
-from tests.test_norm import _data, _run
+from tests.harness import data, run, run_affine
 
 KINDS = {
     "bn": jaxrenorm.batch_norm,
@@ -25,19 +26,9 @@ KINDS = {
 }
 
 
-def _everything(fn, x, params, stats, g, **kw):
-    """Output, new stats and gradients w.r.t. x and params of sum(g * y), jitted."""
-
-    @jax.jit
-    def run(x, params):
-        def loss(x, params):
-            y, new = fn(x, params, stats, use_running_average=False, **kw)
-            return jnp.sum(y.astype(jnp.float32) * g), (y, new)
-
-        (_, (y, new)), grads = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, params)
-        return y, new, grads
-
-    return run(x, params)
+def _train(fn, x, params, stats, g, **kw):
+    """`run` of a training call."""
+    return run(fn, x, params, stats, g, use_running_average=False, **kw)
 
 
 def _params(c, kind):
@@ -59,7 +50,7 @@ def test_constant_features(kind):
     """
     x = jnp.full((4, 3, 3, 2), 7.0).at[..., 1].set(-1e3)
     stats = jaxrenorm.init_batch_stats(2)
-    y, new, grads = _everything(KINDS[kind], x, _params(2, kind), stats, jnp.ones(x.shape))
+    y, new, *grads = _train(KINDS[kind], x, _params(2, kind), stats, jnp.ones(x.shape))
     _assert_finite(y, new, grads)
     d = {"bn": 0.0, "brn": 5.0, "irn": 2.5}[kind]
     np.testing.assert_allclose(y, jnp.broadcast_to(jnp.asarray([d, -d]), x.shape), atol=1e-6)
@@ -71,15 +62,15 @@ def test_constant_features(kind):
 @pytest.mark.parametrize("kind", ["bn", "brn"])
 def test_extreme_magnitudes_in_float32(kind, magnitude):
     """1e15 (squares near 1e30, still finite) and 1e-20 (variance below float32's normals)."""
-    x, scale, bias, mean, var, g = _data((16, 3), -1, seed=3)
+    x, scale, bias, mean, var, g = data((16, 3), -1, seed=3)
     x = x * magnitude
     stats = {"mean": mean * magnitude, "var": var * magnitude**2}
     kw = {"r_max": 3.0, "d_max": 5.0} if kind == "brn" else {}
     fn = jaxrenorm.batch_renorm if kind == "brn" else jaxrenorm.batch_norm
-    y, new, dx, dscale, dbias = _run(
+    y, new, dx, dparams = run_affine(
         fn, x, scale, bias, *stats.values(), g, use_running_average=False, **kw
     )
-    _assert_finite(y, dx, dscale, dbias)
+    _assert_finite(y, dx, dparams)
     ref = reference.normalize(x, scale, bias, *stats.values(), g, **kw)
     np.testing.assert_allclose(y, ref.y, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(new["mean"], ref.new_mean, rtol=1e-5, atol=1e-45)
@@ -97,7 +88,7 @@ def test_bfloat16_with_offsets():
     stats = {"mean": jnp.full(4, 100.0), "var": jnp.ones(4)}
     g = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
     for kind in ("bn", "brn"):
-        y, new, grads = _everything(KINDS[kind], x, _params(4, kind), stats, g)
+        y, new, *grads = _train(KINDS[kind], x, _params(4, kind), stats, g)
         assert y.dtype == jnp.bfloat16 and new["var"].dtype == jnp.float32
         _assert_finite(y, new, grads)
         kw = {"r_max": 3.0, "d_max": 5.0} if kind == "brn" else {}
@@ -111,7 +102,7 @@ def test_bfloat16_with_offsets():
 def test_zero_size_batch_leaves_stats_unchanged(kind):
     x = jnp.zeros((0, 3, 2))
     stats = {"mean": jnp.full(2, 0.5), "var": jnp.full(2, 2.0)}
-    y, new, grads = _everything(KINDS[kind], x, _params(2, kind), stats, jnp.zeros(x.shape))
+    y, new, *grads = _train(KINDS[kind], x, _params(2, kind), stats, jnp.zeros(x.shape))
     assert y.shape == x.shape
     np.testing.assert_array_equal(new["mean"], stats["mean"])
     np.testing.assert_array_equal(new["var"], stats["var"])
@@ -121,11 +112,11 @@ def test_zero_size_batch_leaves_stats_unchanged(kind):
 @pytest.mark.parametrize("kind", ["brn", "irn"])
 def test_huge_bounds_make_training_equal_inference(kind):
     """r_max = d_max = 1e30: never clipped, so training's output is inference's."""
-    x, scale, _, mean, var, g = _data((8, 3, 4), -1, seed=5, offset=3.0)
+    x, scale, _, mean, var, g = data((8, 3, 4), -1, seed=5, offset=3.0)
     stats = {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)}
     params = {**_params(4, kind), "scale": jnp.asarray(scale, jnp.float32)}
     fn = jaxrenorm.batch_renorm if kind == "brn" else jaxrenorm.instance_renorm
-    y, new, grads = _everything(
+    y, new, *grads = _train(
         functools.partial(fn, r_max=1e30, d_max=1e30), jnp.asarray(x), params, stats, g
     )
     _assert_finite(y, new, grads)
@@ -134,20 +125,19 @@ def test_huge_bounds_make_training_equal_inference(kind):
 
 
 def test_virtual_batch_equal_to_the_batch_is_plain_batch_norm():
-    x, scale, bias, mean, var, g = _data((8, 3, 2), -1, seed=6, offset=1.0)
+    x, scale, bias, mean, var, g = data((8, 3, 2), -1, seed=6, offset=1.0)
     for fn, kw in [(jaxrenorm.batch_norm, {}), (jaxrenorm.batch_renorm, {"r_max": 1.5})]:
-        plain = _run(fn, x, scale, bias, mean, var, g, use_running_average=False, **kw)
-        one_group = _run(
+        plain = run_affine(fn, x, scale, bias, mean, var, g, use_running_average=False, **kw)
+        one_group = run_affine(
             fn, x, scale, bias, mean, var, g, use_running_average=False, virtual_batch_size=8, **kw
         )
-        for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(one_group), strict=True):
-            np.testing.assert_array_equal(a, b)
+        chex.assert_trees_all_equal(plain, one_group)
 
 
 def test_renorm_with_identity_bounds_equals_batch_norm():
-    x, scale, bias, mean, var, g = _data((8, 4, 4, 6), -1, seed=2)
-    bn = _run(jaxrenorm.batch_norm, x, scale, bias, mean, var, g, use_running_average=False)
-    brn = _run(
+    x, scale, bias, mean, var, g = data((8, 4, 4, 6), -1, seed=2)
+    bn = run_affine(jaxrenorm.batch_norm, x, scale, bias, mean, var, g, use_running_average=False)
+    brn = run_affine(
         jaxrenorm.batch_renorm,
         x,
         scale,
@@ -159,8 +149,7 @@ def test_renorm_with_identity_bounds_equals_batch_norm():
         r_max=1.0,
         d_max=0.0,
     )
-    for a, b in zip(jax.tree.leaves(bn), jax.tree.leaves(brn), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(bn, brn, rtol=1e-6, atol=1e-6)
 
 
 def test_single_element_per_feature_is_finite():
@@ -198,7 +187,7 @@ def test_non_finite_batch_keeps_previous_running_stats():
 
 @pytest.mark.parametrize("fast", [True, False])
 def test_masked_non_finite_values_do_not_leak(fast):
-    x, scale, bias, mean, var, g = _data((10, 3), -1, seed=5)
+    x, scale, bias, mean, var, g = data((10, 3), -1, seed=5)
     mask = np.ones((10, 1), bool)
     mask[[0, 4, 7]] = False  # the first row too: the shift must not come from it
     x_bad = x.copy()
@@ -209,7 +198,7 @@ def test_masked_non_finite_values_do_not_leak(fast):
         (jaxrenorm.batch_renorm, {"r_max": 1.5, "d_max": 0.5}),
     ]:
         ref = reference.normalize(x, scale, bias, mean, var, g, mask=mask, **kw)
-        y, new, dx, dscale, dbias = _run(
+        y, new, dx, dparams = run_affine(
             fn,
             x_bad,
             scale,
@@ -226,10 +215,10 @@ def test_masked_non_finite_values_do_not_leak(fast):
         np.testing.assert_allclose(np.asarray(y)[valid], ref.y[valid], rtol=2e-5, atol=2e-5)
         np.testing.assert_allclose(new["mean"], ref.new_mean, rtol=2e-5)
         np.testing.assert_allclose(new["var"], ref.new_var, rtol=2e-5)
-        for leaf in (y, dx, dscale, dbias):
+        for leaf in (y, dx, *dparams.values()):
             assert np.all(np.isfinite(leaf))
-        np.testing.assert_allclose(dscale, ref.dscale, rtol=1e-4, atol=1e-4)
-        np.testing.assert_allclose(dbias, ref.dbias, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(dparams["scale"], ref.dscale, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(dparams["bias"], ref.dbias, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(np.asarray(dx)[valid], ref.dx[valid], rtol=1e-4, atol=1e-4)
 
 

@@ -9,6 +9,7 @@ import pytest
 
 import jaxrenorm
 from tests import reference
+from tests.harness import assert_matches, run
 
 CASES = [
     ((4, 5, 5, 3), -1),  # NHWC
@@ -35,18 +36,7 @@ def _data(shape, axis, seed=0, offset=0.0):
 
 
 def _run(x, params, stats, g, **kw):
-    """Output, new stats and the gradients of sum(g * y) w.r.t. x and every param."""
-
-    @jax.jit
-    def run(x, params, stats, g):
-        def f(x, params):
-            return jaxrenorm.instance_renorm(x, params, stats, **kw)
-
-        y, f_vjp, new = jax.vjp(f, x, params, has_aux=True)
-        return y, new, *f_vjp(g)
-
-    cast = lambda tree: jax.tree.map(lambda v: jnp.asarray(v, jnp.float32), tree)  # noqa: E731
-    return run(cast(x), cast(params), cast(stats), cast(g))
+    return run(jaxrenorm.instance_renorm, x, params, stats, g, **kw)
 
 
 def _reference(x, params, stats, g, **kw):
@@ -54,20 +44,6 @@ def _reference(x, params, stats, g, **kw):
     return reference.instance_renorm(
         x, p["scale"], p["bias"], p["rho"], stats["mean"], stats["var"], g, **kw
     )
-
-
-def _assert_matches(got, ref, tol=2e-5, grad_tol=1e-4, rows=slice(None)):
-    y, new, dx, dparams = got
-    np.testing.assert_allclose(np.asarray(y)[rows], ref.y[rows], rtol=tol, atol=tol, err_msg="y")
-    np.testing.assert_allclose(new["mean"], ref.new_mean, rtol=tol, atol=tol, err_msg="mean")
-    np.testing.assert_allclose(new["var"], ref.new_var, rtol=tol, atol=tol, err_msg="var")
-    np.testing.assert_allclose(
-        np.asarray(dx)[rows], ref.dx[rows], rtol=grad_tol, atol=grad_tol, err_msg="dx"
-    )
-    for name, want in [("scale", ref.dscale), ("bias", ref.dbias), ("rho", ref.drho)]:
-        np.testing.assert_allclose(
-            dparams[name], want, rtol=grad_tol, atol=grad_tol, err_msg=f"d{name}"
-        )
 
 
 @pytest.mark.parametrize(("shape", "axis"), CASES)
@@ -94,7 +70,7 @@ def test_matches_reference(shape, axis, mode):
     ref = _reference(x, params, stats, g, train=mode != "eval", **kw)
     if mode == "train_clipped":  # the bounds really are active on some features
         assert np.any(np.abs(ref.d) == 0.3) or np.any(ref.r == 1.2) or np.any(ref.r == 1 / 1.2)
-    _assert_matches(got, ref)
+    assert_matches(got, ref)
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
@@ -122,7 +98,7 @@ def test_rho_one_is_batch_renorm_and_rho_zero_is_instance_norm(train):
     zeros = {**params, "rho": np.zeros(3)}
     got = _run(x, zeros, stats, g, **kw)
     ref = _reference(x, zeros, stats, g, train=train, r_max=1.5, d_max=0.5)
-    _assert_matches(got, ref)
+    assert_matches(got, ref)
     mu, var = x.mean((1, 2), keepdims=True), x.var((1, 2), keepdims=True)
     instance = (x - mu) / np.sqrt(var + 1e-5) * params["scale"] + params["bias"]
     np.testing.assert_allclose(got[0], instance, rtol=2e-5, atol=2e-5)
@@ -141,7 +117,7 @@ def test_virtual_batches_match_reference(v):
     x, params, stats, g = _data((6, 4, 5, 3), -1, seed=5, offset=1.0)
     kw = dict(momentum=0.9, r_max=1.3, d_max=0.4, virtual_batch_size=v)
     got = _run(x, params, stats, g, use_running_average=False, **kw)
-    _assert_matches(got, _reference(x, params, stats, g, **kw))
+    assert_matches(got, _reference(x, params, stats, g, **kw))
 
 
 def test_mask_with_non_finite_masked_values():

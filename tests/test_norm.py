@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 
 import jaxrenorm
 from tests import reference
+from tests.harness import assert_matches, data, run_affine
 
 SHAPES_AXES = [
     ((16, 5), -1),
@@ -19,50 +22,12 @@ SHAPES_AXES = [
 ]
 
 
-def _data(shape, axis, seed=0, offset=0.0):
-    rng = np.random.default_rng(seed)
-    fa, _ = reference.split_axes(len(shape), axis)
-    fshape = tuple(shape[a] for a in fa)
-    x = rng.normal(size=shape) * 2.0 + offset
-    scale = rng.uniform(0.5, 1.5, size=fshape)
-    bias = rng.normal(size=fshape)
-    mean = rng.normal(size=fshape)
-    var = rng.uniform(0.5, 2.0, size=fshape)
-    g = rng.normal(size=shape)
-    return x, scale, bias, mean, var, g
-
-
-def _run(fn, x, scale, bias, mean, var, g, **kw):
-    """Output, new stats and the gradients of sum(g * y) w.r.t. x, scale, bias."""
-
-    # One compiled program per case: much faster than dispatching op by op.
-    @jax.jit
-    def run(x, scale, bias, mean, var, g):
-        def f(x, scale, bias):
-            return fn(x, {"scale": scale, "bias": bias}, {"mean": mean, "var": var}, **kw)
-
-        y, f_vjp, new = jax.vjp(f, x, scale, bias, has_aux=True)
-        return y, new, *f_vjp(g)
-
-    return run(*(jnp.asarray(a, jnp.float32) for a in (x, scale, bias, mean, var, g)))
-
-
-def _assert_matches(got, ref, rtol=2e-5, atol=2e-5):
-    y, new, dx, dscale, dbias = got
-    np.testing.assert_allclose(y, ref.y, rtol=rtol, atol=atol, err_msg="y")
-    np.testing.assert_allclose(new["mean"], ref.new_mean, rtol=rtol, atol=atol, err_msg="mean")
-    np.testing.assert_allclose(new["var"], ref.new_var, rtol=rtol, atol=atol, err_msg="var")
-    np.testing.assert_allclose(dx, ref.dx, rtol=1e-4, atol=1e-4, err_msg="dx")
-    np.testing.assert_allclose(dscale, ref.dscale, rtol=1e-4, atol=1e-4, err_msg="dscale")
-    np.testing.assert_allclose(dbias, ref.dbias, rtol=1e-4, atol=1e-4, err_msg="dbias")
-
-
 @pytest.mark.parametrize("fast", [True, False], ids=["fast", "two_pass"])
 @pytest.mark.parametrize(("shape", "axis"), SHAPES_AXES)
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_batch_norm_matches_reference(shape, axis, train, fast):
-    x, scale, bias, mean, var, g = _data(shape, axis, offset=3.0)
-    got = _run(
+    x, scale, bias, mean, var, g = data(shape, axis, offset=3.0)
+    got = run_affine(
         jaxrenorm.batch_norm,
         x,
         scale,
@@ -76,14 +41,14 @@ def test_batch_norm_matches_reference(shape, axis, train, fast):
         use_fast_variance=fast,
     )
     ref = reference.normalize(x, scale, bias, mean, var, g, axis=axis, train=train, momentum=0.9)
-    _assert_matches(got, ref)
+    assert_matches(got, ref)
 
 
 @pytest.mark.parametrize(("shape", "axis"), SHAPES_AXES)
 @pytest.mark.parametrize(("r_max", "d_max"), [(1.0, 0.0), (1.2, 0.3), (3.0, 5.0), (100.0, 100.0)])
 def test_batch_renorm_matches_reference(shape, axis, r_max, d_max):
-    x, scale, bias, mean, var, g = _data(shape, axis, seed=1, offset=1.0)
-    got = _run(
+    x, scale, bias, mean, var, g = data(shape, axis, seed=1, offset=1.0)
+    got = run_affine(
         jaxrenorm.batch_renorm,
         x,
         scale,
@@ -99,12 +64,12 @@ def test_batch_renorm_matches_reference(shape, axis, r_max, d_max):
     ref = reference.normalize(
         x, scale, bias, mean, var, g, axis=axis, train=True, r_max=r_max, d_max=d_max
     )
-    _assert_matches(got, ref)
+    assert_matches(got, ref)
 
 
 def test_renorm_clipping_is_exercised():
     """The parametrized cases above really mix clipped and unclipped features."""
-    x, scale, bias, mean, var, g = _data((16, 5), -1, seed=1, offset=1.0)
+    x, scale, bias, mean, var, g = data((16, 5), -1, seed=1, offset=1.0)
     ref = reference.normalize(x, scale, bias, mean, var, g, r_max=1.2, d_max=0.3)
     assert np.any(np.abs(ref.r - 1.2) < 1e-12) or np.any(np.abs(ref.r - 1 / 1.2) < 1e-12)
     assert np.any((ref.r > 1 / 1.2) & (ref.r < 1.2))
@@ -114,7 +79,7 @@ def test_renorm_clipping_is_exercised():
 
 def test_renorm_unclipped_training_output_equals_inference_output():
     """With loose bounds, training already computes what inference will: (x - mu) / s."""
-    x, scale, bias, mean, var, _ = _data((32, 4), -1, seed=3)
+    x, scale, bias, mean, var, _ = data((32, 4), -1, seed=3)
     stats = {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)}
     params = {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
     xj = jnp.asarray(x, jnp.float32)
@@ -126,7 +91,7 @@ def test_renorm_unclipped_training_output_equals_inference_output():
 
 
 def test_inference_returns_stats_unchanged():
-    x, _scale, _bias, mean, var, _ = _data((8, 3), -1)
+    x, _scale, _bias, mean, var, _ = data((8, 3), -1)
     stats = {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)}
     for fn in (jaxrenorm.batch_norm, jaxrenorm.batch_renorm):
         _, new = fn(jnp.asarray(x), {}, stats, use_running_average=True)
@@ -134,7 +99,7 @@ def test_inference_returns_stats_unchanged():
 
 
 def test_params_are_optional():
-    x, _, _, mean, var, g = _data((10, 3), -1)
+    x, _, _, mean, var, g = data((10, 3), -1)
     ones, zeros = np.ones(3), np.zeros(3)
     ref = reference.normalize(x, ones, zeros, mean, var, g)
     stats = {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)}
@@ -196,19 +161,19 @@ def test_half_precision_inputs(dtype):
 @pytest.mark.parametrize("renorm", [False, True])
 def test_mask_matches_reference(mask_shape, renorm):
     rng = np.random.default_rng(4)
-    x, scale, bias, mean, var, g = _data((12, 4), -1, seed=4, offset=2.0)
+    x, scale, bias, mean, var, g = data((12, 4), -1, seed=4, offset=2.0)
     mask = rng.random(mask_shape) < 0.6
     mask.flat[0] = True
     kw = {"r_max": 1.5, "d_max": 0.5} if renorm else {}
     fn = jaxrenorm.batch_renorm if renorm else jaxrenorm.batch_norm
-    got = _run(fn, x, scale, bias, mean, var, g, use_running_average=False, mask=mask, **kw)
+    got = run_affine(fn, x, scale, bias, mean, var, g, use_running_average=False, mask=mask, **kw)
     ref = reference.normalize(x, scale, bias, mean, var, g, mask=mask, **kw)
-    _assert_matches(got, ref)
+    assert_matches(got, ref)
 
 
 def test_jit_with_traced_bounds():
     """r_max / d_max may be traced scalars, e.g. a schedule evaluated inside jit."""
-    x, scale, bias, mean, var, g = _data((16, 5), -1, seed=7, offset=1.0)
+    x, scale, bias, mean, var, g = data((16, 5), -1, seed=7, offset=1.0)
     stats = {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)}
     params = {"scale": jnp.asarray(scale, jnp.float32), "bias": jnp.asarray(bias, jnp.float32)}
 
@@ -227,7 +192,7 @@ def test_jit_with_traced_bounds():
 
 def test_vmap_ensemble_keeps_separate_statistics():
     """vmap over a leading member axis: each member has its own batch and running stats."""
-    x, scale, bias, mean, var, g = _data((3, 12, 4), -1, seed=8, offset=1.0)
+    x, scale, bias, mean, var, g = data((3, 12, 4), -1, seed=8, offset=1.0)
     stats = {
         "mean": jnp.asarray(np.stack([mean * (i + 1) for i in range(3)]), jnp.float32),
         "var": jnp.asarray(np.stack([var] * 3), jnp.float32),
@@ -249,7 +214,7 @@ def test_vmap_ensemble_keeps_separate_statistics():
 
 
 def test_grad_under_jit_matches_reference():
-    x, scale, bias, mean, var, g = _data((6, 5, 5, 4), -1, seed=9, offset=-4.0)
+    x, scale, bias, mean, var, g = data((6, 5, 5, 4), -1, seed=9, offset=-4.0)
     stats = {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)}
 
     @jax.jit
@@ -306,10 +271,10 @@ VIRTUAL_CASES = [
 @pytest.mark.parametrize(("shape", "axis", "v"), VIRTUAL_CASES)
 @pytest.mark.parametrize("kind", ["bn", "brn"])
 def test_virtual_batches_match_reference(shape, axis, v, kind):
-    x, scale, bias, mean, var, g = _data(shape, axis, seed=11, offset=2.0)
+    x, scale, bias, mean, var, g = data(shape, axis, seed=11, offset=2.0)
     kw = {"r_max": 1.4, "d_max": 0.4} if kind == "brn" else {}
     fn = jaxrenorm.batch_renorm if kind == "brn" else jaxrenorm.batch_norm
-    got = _run(
+    got = run_affine(
         fn,
         x,
         scale,
@@ -326,13 +291,13 @@ def test_virtual_batches_match_reference(shape, axis, v, kind):
     ref = reference.normalize(
         x, scale, bias, mean, var, g, axis=axis, momentum=0.9, virtual_batch_size=v, **kw
     )
-    _assert_matches(got, ref)
+    assert_matches(got, ref)
 
 
 @pytest.mark.parametrize("kind", ["bn", "brn"])
 def test_virtual_batches_with_masks_per_group(kind):
     """Unequal valid counts per group, and one group with no valid row (holding NaN)."""
-    x, scale, bias, mean, var, g = _data((12, 3), -1, seed=12, offset=1.0)
+    x, scale, bias, mean, var, g = data((12, 3), -1, seed=12, offset=1.0)
     mask = np.ones((12, 1), bool)
     mask[[1, 2, 7]] = False
     mask[8:12] = False  # the last group of 4 is empty
@@ -341,7 +306,7 @@ def test_virtual_batches_with_masks_per_group(kind):
     g = g * mask
     kw = {"r_max": 1.4, "d_max": 0.4} if kind == "brn" else {}
     fn = jaxrenorm.batch_renorm if kind == "brn" else jaxrenorm.batch_norm
-    y, new, dx, dscale, dbias = _run(
+    y, new, dx, dparams = run_affine(
         fn,
         x_bad,
         scale,
@@ -360,15 +325,15 @@ def test_virtual_batches_with_masks_per_group(kind):
     np.testing.assert_allclose(new["mean"], ref.new_mean, rtol=2e-5)
     np.testing.assert_allclose(new["var"], ref.new_var, rtol=2e-5)
     np.testing.assert_allclose(np.asarray(dx)[valid], ref.dx[valid], rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(dscale, ref.dscale, rtol=1e-4, atol=1e-4)
-    for leaf in (y, dx, dscale, dbias, new["mean"], new["var"]):
+    np.testing.assert_allclose(dparams["scale"], ref.dscale, rtol=1e-4, atol=1e-4)
+    for leaf in (y, dx, *dparams.values(), new["mean"], new["var"]):
         assert np.all(np.isfinite(leaf))
 
 
 def test_virtual_batches_have_no_effect_at_inference():
-    x, scale, bias, mean, var, g = _data((8, 3), -1, seed=13)
-    a = _run(jaxrenorm.batch_norm, x, scale, bias, mean, var, g, use_running_average=True)
-    b = _run(
+    x, scale, bias, mean, var, g = data((8, 3), -1, seed=13)
+    a = run_affine(jaxrenorm.batch_norm, x, scale, bias, mean, var, g, use_running_average=True)
+    b = run_affine(
         jaxrenorm.batch_norm,
         x,
         scale,
@@ -379,8 +344,7 @@ def test_virtual_batches_have_no_effect_at_inference():
         use_running_average=True,
         virtual_batch_size=3,  # would not even divide
     )
-    for u, w in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(u, w)
+    chex.assert_trees_all_equal(a, b)
 
 
 @pytest.mark.parametrize(
@@ -404,9 +368,9 @@ def test_virtual_batch_errors(kwargs, pattern):
 
 @pytest.mark.parametrize(("shape", "axis", "v"), [((16, 5), -1, None), ((8, 3, 2, 2), 1, 4)])
 def test_renorm_without_gradient_through_batch_moments(shape, axis, v):
-    x, scale, bias, mean, var, g = _data(shape, axis, seed=14, offset=1.0)
+    x, scale, bias, mean, var, g = data(shape, axis, seed=14, offset=1.0)
     kw = dict(r_max=1.4, d_max=0.4, axis=axis, virtual_batch_size=v)
-    got = _run(
+    got = run_affine(
         jaxrenorm.batch_renorm,
         x,
         scale,
@@ -419,10 +383,10 @@ def test_renorm_without_gradient_through_batch_moments(shape, axis, v):
         **kw,
     )
     ref = reference.normalize(x, scale, bias, mean, var, g, grad_through_batch_moments=False, **kw)
-    _assert_matches(got, ref)
+    assert_matches(got, ref)
     # The forward pass is that of the paper's version.
     paper = reference.normalize(x, scale, bias, mean, var, g, **kw)
-    np.testing.assert_allclose(got[0], paper.y, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(got.y, paper.y, rtol=2e-5, atol=2e-5)
     assert not np.allclose(ref.dx, paper.dx, atol=1e-3)
 
 
@@ -445,7 +409,7 @@ def _scalar_loss(kind, scale, bias, mean, var, g, **kw):
 @pytest.mark.parametrize("kind", ["bn", "brn"])
 @pytest.mark.parametrize("kw", [{}, {"virtual_batch_size": 3}, {"use_fast_variance": False}])
 def test_forward_mode_jvp_and_jacfwd_match_reference(kind, kw):
-    x, scale, bias, mean, var, g = _data((6, 4), -1, seed=15, offset=1.5)
+    x, scale, bias, mean, var, g = data((6, 4), -1, seed=15, offset=1.5)
     loss, extra = _scalar_loss(kind, scale, bias, mean, var, g, **kw)
     vsize = kw.get("virtual_batch_size")
     ref = reference.normalize(x, scale, bias, mean, var, g, virtual_batch_size=vsize, **extra)
@@ -458,7 +422,7 @@ def test_forward_mode_jvp_and_jacfwd_match_reference(kind, kw):
 
 @pytest.mark.parametrize("kind", ["bn", "brn"])
 def test_hessian_matches_finite_differences_of_the_reference_gradient(kind):
-    x, scale, bias, mean, var, g = _data((4, 2), -1, seed=17, offset=0.5)
+    x, scale, bias, mean, var, g = data((4, 2), -1, seed=17, offset=0.5)
     # r and d are constants for differentiation (stop_gradient); finite differences
     # of the reference see them move unless they are clipped, so clip them all.
     mean, var = mean + 10.0, var * 100.0
@@ -479,7 +443,7 @@ def test_hessian_matches_finite_differences_of_the_reference_gradient(kind):
 @pytest.mark.parametrize("kind", ["bn", "brn"])
 def test_half_precision_gradients_match_reference(dtype, kind):
     """Gradients of a float16/bfloat16 input, against the reference on the rounded input."""
-    x, scale, bias, mean, var, g = _data((16, 4, 4, 3), -1, seed=18, offset=3.0)
+    x, scale, bias, mean, var, g = data((16, 4, 4, 3), -1, seed=18, offset=3.0)
     x_low = jnp.asarray(x, dtype)
     fn = jaxrenorm.batch_renorm if kind == "brn" else jaxrenorm.batch_norm
     kw = {"r_max": 1.4, "d_max": 0.4} if kind == "brn" else {}
@@ -510,12 +474,12 @@ def test_half_precision_gradients_match_reference(dtype, kind):
 @pytest.mark.parametrize("kind", ["bn", "brn"])
 def test_bessel_correction_matches_reference(kind, kw):
     shape = (8, 3, 2, 2) if kw.get("axis") == 1 else (8, 3)
-    x, scale, bias, mean, var, g = _data(shape, kw.get("axis", -1), seed=19, offset=1.0)
+    x, scale, bias, mean, var, g = data(shape, kw.get("axis", -1), seed=19, offset=1.0)
     mask = np.ones((8,) + (1,) * (len(shape) - 1), bool)
     mask[[2, 5, 6]] = False  # unequal valid counts per virtual group
     extra = {"r_max": 1.4, "d_max": 0.4} if kind == "brn" else {}
     fn = jaxrenorm.batch_renorm if kind == "brn" else jaxrenorm.batch_norm
-    got = _run(
+    got = run_affine(
         fn,
         x,
         scale,
@@ -543,7 +507,7 @@ def test_bessel_correction_matches_reference(kind, kw):
         **kw,
         **extra,
     )
-    _assert_matches(got, ref)
+    assert_matches(got, ref)
     plain = reference.normalize(x, scale, bias, mean, var, g * mask, mask=mask, momentum=0.9, **kw)
     assert not np.allclose(ref.new_var, plain.new_var)  # the option does something
 
@@ -554,3 +518,42 @@ def test_bessel_correction_with_one_valid_element_stays_finite():
         jnp.ones((1, 2)), {}, stats, use_running_average=False, bessel_correction=True
     )
     np.testing.assert_allclose(new["var"], 0.99)
+
+
+# --- the same numbers compiled and op by op ---------------------------------------
+
+
+class JitAndEagerTest(chex.TestCase):
+    """Each public function against the reference, under `jax.jit` and without it."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters("bn", "brn", "irn")
+    def test_training_and_inference_match_reference(self, kind):
+        x, scale, bias, mean, var, g = data((6, 3, 3, 4), -1, seed=20, offset=1.5)
+        mask = np.random.default_rng(21).random((6, 3, 3, 1)) < 0.8
+        mask[0] = True
+        rho = np.linspace(0.2, 0.9, 4)
+        bounds = {} if kind == "bn" else {"r_max": 1.3, "d_max": 0.3}
+        fn = {
+            "bn": jaxrenorm.batch_norm,
+            "brn": jaxrenorm.batch_renorm,
+            "irn": jaxrenorm.instance_renorm,
+        }[kind]
+        params = {"scale": scale, "bias": bias} | ({"rho": rho} if kind == "irn" else {})
+        params = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+        stats = {"mean": jnp.asarray(mean, jnp.float32), "var": jnp.asarray(var, jnp.float32)}
+        for train in (True, False):
+            call = self.variant(
+                lambda x, mask, train=train: fn(
+                    x, params, stats, use_running_average=not train, mask=mask, **bounds
+                )
+            )
+            y, new = call(jnp.asarray(x, jnp.float32), jnp.asarray(mask))
+            kw = dict(train=train, mask=mask, **bounds)
+            if kind == "irn":
+                ref = reference.instance_renorm(x, scale, bias, rho, mean, var, g, **kw)
+            else:
+                ref = reference.normalize(x, scale, bias, mean, var, g, **kw)
+            np.testing.assert_allclose(y, ref.y, rtol=2e-5, atol=2e-5)
+            np.testing.assert_allclose(new["mean"], ref.new_mean, rtol=2e-5, atol=2e-5)
+            np.testing.assert_allclose(new["var"], ref.new_var, rtol=2e-5, atol=2e-5)
