@@ -8,6 +8,7 @@ uninterrupted run: same machine, same compiled step, so equality is bitwise.
 
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -84,10 +85,7 @@ def _train(state, start, stop):
 
 
 def _assert_bitwise_equal(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        assert x.dtype == y.dtype
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    chex.assert_trees_all_equal(a, b, strict=True)
 
 
 @pytest.fixture(scope="module")

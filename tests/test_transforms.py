@@ -7,6 +7,7 @@ transforms must neither change the numbers nor lose a statistics update.
 
 from __future__ import annotations
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -32,9 +33,7 @@ def _x(shape=(8, 5, 4), seed=0):
 
 
 def _allclose(a, b, rtol=1e-6, atol=1e-6):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=rtol, atol=atol)
+    chex.assert_trees_all_close(a, b, rtol=rtol, atol=atol)
 
 
 class Block(nn.Module):
