@@ -1,5 +1,6 @@
 """The benchmark runs (--quick); its numbers are reported, never asserted."""
 
+import importlib
 import pathlib
 import re
 import subprocess
@@ -21,3 +22,18 @@ def test_bench_quick_prints_the_full_table():
     assert len(rows) == 12, out
     for row in rows:
         assert len(re.findall(r"\d+\.\d\dx \(", row)) == 4, row
+
+
+def test_formulations_quick_prints_both_tables(monkeypatch, capsys):
+    """In process (no new interpreter): both tables, and the checkpoint policy restored."""
+    from jaxrenorm import _norm
+
+    policy = _norm._save_per_feature
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", ["formulations.py", "--quick"])
+    importlib.import_module("formulations").main()
+    out = capsys.readouterr().out
+    forward = [line for line in out.splitlines() if re.search(r"\| \d+\.\d\dx \| \d", line)]
+    backward = [line for line in out.splitlines() if line.count(" MiB") == 1]
+    assert len(forward) == 6 and len(backward) == 3, out
+    assert _norm._save_per_feature is policy
