@@ -129,13 +129,17 @@ def run(shapes: dict[str, tuple[int, ...]], dtypes, rounds: int) -> str:
     return "\n".join(header + rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def command_line(doc: str, shapes: dict, quick_shapes: dict) -> tuple[dict, int]:
+    """The options of the benchmark scripts: (shapes, rounds) from `--quick` and `--rounds`."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, 3 rounds")
     parser.add_argument("--rounds", type=int, default=31)
     args = parser.parse_args()
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    rounds = 3 if args.quick else args.rounds
+    return (quick_shapes, 3) if args.quick else (shapes, args.rounds)
+
+
+def main() -> None:
+    shapes, rounds = command_line(__doc__, SHAPES, QUICK_SHAPES)
     table = run(shapes, (jnp.float32, jnp.bfloat16), rounds)
     print(
         f"Ratios to flax.linen.BatchNorm (median time, then the median in ms and the "

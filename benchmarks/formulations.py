@@ -18,7 +18,6 @@ docs/benchmarks.md shows their figures.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import platform
@@ -28,7 +27,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from bench import build, interleaved_medians
+from bench import build, command_line, interleaved_medians
 from jax import lax
 
 import jaxrenorm
@@ -173,12 +172,7 @@ def backward_table(shapes, rounds: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes, 3 rounds")
-    parser.add_argument("--rounds", type=int, default=31)
-    args = parser.parse_args()
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    rounds = 3 if args.quick else args.rounds
+    shapes, rounds = command_line(__doc__, SHAPES, QUICK_SHAPES)
     print(
         f"Float32, {rounds} interleaved rounds, median times relative to "
         f"flax.linen.BatchNorm; {platform.machine()}, {jax.devices()[0].device_kind}, "
