@@ -8,7 +8,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import jax
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import initializers
 from flax.nnx.module import first_from
+from flax.nnx.nn import dtypes
 
 from jaxrenorm import schedules
 from jaxrenorm._checks import check_layout
@@ -35,11 +37,48 @@ _HALF = initializers.constant(0.5)
 
 
 class BatchNorm(nnx.Module):
-    """Batch Normalization (Ioffe & Szegedy 2015), mirroring `flax.nnx.BatchNorm`.
+    """Batch Normalization (Ioffe & Szegedy 2015), a drop-in for `flax.nnx.BatchNorm`.
 
-    The same constructor and variables as `flax.nnx.BatchNorm`, plus
-    `virtual_batch_size` and `bessel_correction` (see `jaxrenorm.batch_norm`). The
+    The same constructor (every argument, with Flax's defaults), variables
+    (`nnx.Param` `scale` and `bias`, `nnx.BatchStat` `mean` and `var`) and modes as
+    `flax.nnx.BatchNorm`: `use_running_average` from the call, else from the
+    module, which `.train()`, `.eval()` and `nnx.view(model,
+    use_running_average=...)` set. The math is `jaxrenorm.batch_norm`'s; its
     default variance is accurate on offset data, where Flax's is not.
+
+    Args:
+      num_features: the size of the feature axis.
+      use_running_average: normalize with the running statistics (inference)
+        instead of the batch's; the call's argument takes precedence.
+      axis: the feature axis (statistics are over every other axis).
+      momentum: decay of the running statistics (Flax's convention: the weight
+        of the old value).
+      epsilon: added to the variance.
+      dtype: the output dtype; None promotes the input with the variables, as
+        `promote_dtype` does in Flax.
+      param_dtype: dtype of `scale` and `bias`.
+      use_bias: add `bias` (beta).
+      use_scale: multiply by `scale` (gamma).
+      bias_init: initializer of `bias`.
+      scale_init: initializer of `scale`.
+      axis_name: named axis (pmap, shard_map, vmap) whose devices share the
+        batch statistics, with one all-reduce.
+      axis_index_groups: device groups along `axis_name` normalized separately.
+      use_fast_variance: the accurate one-pass shifted variance (default), or the
+        exact two-pass one.
+      promote_dtype: as in `flax.nnx.BatchNorm`: called with
+        `(x, mean, var, scale, bias)` and `dtype=dtype`, it returns them promoted
+        to one dtype; the layer normalizes the promoted input with the promoted
+        scale and bias, and outputs in their dtype. The statistics are computed,
+        and the running statistics kept, in at least float32 whatever it returns.
+      rngs: the random keys of the initializers.
+      bias_metadata: metadata of the `bias` `nnx.Param` (e.g. sharding names),
+        as in Flax.
+      scale_metadata: metadata of the `scale` `nnx.Param`.
+      virtual_batch_size: statistics over consecutive groups of that many
+        examples along axis 0 (see `jaxrenorm.batch_norm`).
+      bessel_correction: update the running variance with the unbiased batch
+        variance (PyTorch's convention).
 
     Examples:
       >>> import jax, jaxrenorm
@@ -47,7 +86,7 @@ class BatchNorm(nnx.Module):
       >>> bn = jaxrenorm.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
       >>> x = jax.random.normal(jax.random.key(0), (8, 3)) + 4
       >>> y = bn(x)  # training: batch statistics, running statistics updated
-      >>> bn.eval(); y = bn(x)  # inference: running statistics
+      >>> y = nnx.view(bn, use_running_average=True)(x)  # inference
       >>> bool(bn.mean[...].mean() > 0.03)
       True
     """
@@ -69,21 +108,22 @@ class BatchNorm(nnx.Module):
         axis_name: str | None = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
+        promote_dtype: Callable = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
         virtual_batch_size: int | None = None,
         bessel_correction: bool = False,
-        rngs: nnx.Rngs,
     ):
         shape = (num_features,)
         self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
         self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
-        self.scale = (
-            nnx.Param(scale_init(rngs.params(), shape, param_dtype))
-            if use_scale
-            else nnx.data(None)
-        )
-        self.bias = (
-            nnx.Param(bias_init(rngs.params(), shape, param_dtype)) if use_bias else nnx.data(None)
-        )
+        self.scale = nnx.data(None)
+        if use_scale:
+            self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
+        self.bias = nnx.data(None)
+        if use_bias:
+            self.bias = nnx.Param(bias_init(rngs.params(), shape, param_dtype), **bias_metadata)
         self.num_features = num_features
         self.use_running_average = use_running_average
         self.axis = axis
@@ -96,6 +136,7 @@ class BatchNorm(nnx.Module):
         self.axis_name = axis_name
         self.axis_index_groups = axis_index_groups
         self.use_fast_variance = use_fast_variance
+        self.promote_dtype = promote_dtype
         self.virtual_batch_size = virtual_batch_size
         self.bessel_correction = bessel_correction
 
@@ -106,22 +147,29 @@ class BatchNorm(nnx.Module):
         *,
         mask: jax.Array | None = None,
     ) -> jax.Array:
-        """Normalizes `x`; the call-time `use_running_average` takes precedence."""
+        """Normalizes `x`; the call-time `use_running_average` takes precedence.
+
+        `mask` (boolean, broadcastable to `x`) selects the elements the batch
+        statistics are computed from.
+        """
         use_running_average = first_from(
             use_running_average,
             self.use_running_average,
             error_msg="Pass `use_running_average` to the constructor or the call, or use "
-            "`.train()` / `.eval()`.",
+            "`.train()` / `.eval()` or `nnx.view(model, use_running_average=...)`.",
         )
         x, layout = check_layout(x, self.axis)
-        affine = {"scale": self.scale, "bias": self.bias}
-        params = {name: v[...] for name, v in affine.items() if v is not None}
+        mean, var = self.mean[...], self.var[...]
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        x, _, _, scale, bias = self.promote_dtype((x, mean, var, scale, bias), dtype=self.dtype)
+        params = {k: v for k, v in (("scale", scale), ("bias", bias)) if v is not None}
         y, new_stats, terms = normalize_layer(
             self,
             x,
             layout,
             params,
-            {"mean": self.mean[...], "var": self.var[...]},
+            {"mean": mean, "var": var},
             use_running_average=use_running_average,
             mask=mask,
         )
@@ -130,6 +178,11 @@ class BatchNorm(nnx.Module):
             self.var[...] = new_stats["var"]
             self._after_training_call(terms)
         return y
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Sets the mode for `nnx.view(model, use_running_average=...)`, as Flax's does."""
+        if use_running_average is not None:
+            self.use_running_average = use_running_average
 
     # The hooks, named as in `jaxrenorm.linen` (see `jaxrenorm._layers`).
 
@@ -146,16 +199,27 @@ class BatchNorm(nnx.Module):
 
 
 class BatchRenorm(BatchNorm):
-    """Batch Renormalization (Ioffe 2017) as a Flax NNX module.
+    """Batch Renormalization (Ioffe 2017, arXiv 1702.03275) as a Flax NNX module.
 
-    `BatchNorm`'s constructor plus `r_max` and `d_max` (floats or schedules
-    `step -> value`; the defaults are the paper's schedules), and
-    `grad_through_batch_moments` and `diagnostics` (see `jaxrenorm.linen.
-    BatchRenorm`). With a schedule the module holds an int32 `steps` BatchStat,
-    incremented once per training call. With `diagnostics=True` each training call
-    stores the dict of `jaxrenorm.linen.BatchRenorm`'s summaries in
-    `self.diagnostics_values`, an `nnx.Intermediate` (read it with `.get_value()`;
-    zeros until the first training call).
+    `BatchNorm`'s constructor, variables and modes, plus the clipping bounds. With
+    a schedule for either bound the module holds an int32 `nnx.BatchStat` `steps`,
+    the number of training calls so far (not counting inference calls): the
+    bounds are the schedules' values at it. Inference is exactly BatchNorm's. The
+    math is `jaxrenorm.batch_renorm`'s.
+
+    Args:
+      r_max: bound on r, >= 1: a float or a schedule `step -> value` (any optax
+        schedule). The default is the paper's schedule
+        (`jaxrenorm.schedules.PAPER_R_MAX`: plain BatchNorm for 5,000 steps); for
+        a shorter run use `jaxrenorm.schedules.scaled_paper_schedules`.
+      d_max: bound on |d|, >= 0 (float or schedule; `PAPER_D_MAX` by default).
+      grad_through_batch_moments: False treats the batch mean and variance as
+        constants in the backward pass (see `jaxrenorm.batch_renorm`).
+      diagnostics: if True, each training call stores the summaries of
+        `jaxrenorm.collect_diagnostics` (`r_clipped`, `d_clipped`,
+        `r_mean_abs_dev`, `d_mean_abs`) as a dict in `self.diagnostics_values`, an
+        `nnx.Intermediate` (zeros until the first training call).
+      **kwargs: `BatchNorm`'s arguments.
 
     Examples:
       >>> import jax, jaxrenorm
@@ -204,10 +268,15 @@ class BatchRenorm(BatchNorm):
 class InstanceRenorm(BatchRenorm):
     """Batch Renormalization mixed with instance normalization, as a Flax NNX module.
 
-    `BatchRenorm`'s constructor plus `rho_init` (default: 0.5 everywhere); the
-    gate is the `nnx.Param` `rho` of shape `(num_features,)`. See
+    y = scale * (rho * BRN(x) + (1 - rho) * IN(x)) + bias with the gate rho, an
+    `nnx.Param` of shape `(num_features,)` used as clip(rho, 0, 1). Inputs need a
+    batch axis, at least one spatial axis and the features (rank >= 3). See
     `jaxrenorm.linen.InstanceRenorm` and, for the math, `jaxrenorm.instance_renorm`.
-    Inputs need a batch axis, at least one spatial axis and the features (rank >= 3).
+
+    Args:
+      rho_init: initializer of `rho` (0.5 everywhere by default: an even mix).
+      rho_metadata: metadata of the `rho` `nnx.Param`, like `scale_metadata`.
+      **kwargs: `BatchRenorm`'s arguments.
 
     Examples:
       >>> import jax, jaxrenorm
@@ -223,11 +292,13 @@ class InstanceRenorm(BatchRenorm):
         num_features: int,
         *,
         rho_init: Callable = _HALF,
+        rho_metadata: Mapping[str, Any] = MappingProxyType({}),
         rngs: nnx.Rngs,
         **kwargs: Any,
     ):
         super().__init__(num_features, rngs=rngs, **kwargs)
-        self.rho = nnx.Param(rho_init(rngs.params(), (num_features,), self.param_dtype))
+        rho = rho_init(rngs.params(), (num_features,), self.param_dtype)
+        self.rho = nnx.Param(rho, **rho_metadata)
 
     def _gate(self, feature_shape: tuple[int, ...]) -> jax.Array:
         return self.rho[...]

@@ -1,18 +1,19 @@
 """jaxrenorm.nnx against flax.nnx.BatchNorm, the linen modules and the float64 reference."""
 
-import functools
+import inspect
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
+from flax.nnx.nn import dtypes
 from jax.sharding import PartitionSpec as P
 
 import jaxrenorm
+from jaxrenorm import init_batch_stats as init_stats
 from tests import reference
 
 
@@ -222,9 +223,6 @@ def test_nnx_shard_map_instance_renorm_matches_whole_batch():
     np.testing.assert_allclose(model.var[...], ref.new_var, rtol=2e-5)
 
 
-_ = (functools, nn)
-
-
 def test_scheduled_training_step_traces_once():
     """`steps` is a traced BatchStat: the bounds move every step without recompiling."""
     r_sched = optax.linear_schedule(1.0, 2.0, transition_steps=6)
@@ -250,3 +248,157 @@ def test_scheduled_training_step_traces_once():
         d_used.append(float(model.diagnostics_values.get_value()["d_mean_abs"]))
     assert int(model.steps[...]) == 6
     assert d_used[0] == 0.0 and d_used[-1] > 0.0  # d_max = 0 at step 0 only
+
+
+# --- parity with flax.nnx.BatchNorm ------------------------------------------------
+
+CLASSES = [jaxrenorm.nnx.BatchNorm, jaxrenorm.nnx.BatchRenorm, jaxrenorm.nnx.InstanceRenorm]
+
+
+def _constructor_parameters(cls) -> dict[str, inspect.Parameter]:
+    """Every named constructor argument, along the class's jaxrenorm bases."""
+    params = {}
+    for klass in reversed(cls.__mro__):
+        if issubclass(klass, jaxrenorm.nnx.BatchNorm) and "__init__" in vars(klass):
+            sig = inspect.signature(klass.__init__).parameters
+            params |= {k: p for k, p in sig.items() if p.kind != inspect.Parameter.VAR_KEYWORD}
+    return params
+
+
+@pytest.mark.parametrize("cls", CLASSES)
+def test_constructor_takes_every_argument_of_flax_nnx_batch_norm(cls):
+    """A future Flax argument fails here, not in a user's model as a TypeError."""
+    ours = _constructor_parameters(cls)
+    for name, theirs in inspect.signature(nnx.BatchNorm.__init__).parameters.items():
+        assert name in ours, f"{cls.__name__} lacks flax.nnx.BatchNorm's `{name}`"
+        assert ours[name].kind == theirs.kind, name
+        assert ours[name].default == theirs.default, name
+
+
+def test_every_argument_has_flax_meaning_and_variables():
+    """Non-default values of every Flax argument: same variables, dtypes and attributes."""
+    kw = dict(
+        use_running_average=True,
+        axis=1,
+        momentum=0.8,
+        epsilon=1e-3,
+        dtype=jnp.float16,
+        param_dtype=jnp.bfloat16,
+        use_bias=False,
+        use_scale=True,
+        bias_init=nnx.initializers.ones_init(),
+        scale_init=nnx.initializers.constant(2.0),
+        axis_name=None,
+        axis_index_groups=None,
+        use_fast_variance=False,
+        scale_metadata={"note": "kept"},
+    )
+    theirs = nnx.BatchNorm(4, rngs=nnx.Rngs(1), **kw)
+    x = _batches(1, shape=(6, 4, 5), seed=7)[0]
+    for cls in CLASSES:
+        ours = cls(4, rngs=nnx.Rngs(1), **kw)
+        state = {k: v for k, v in nnx.state(ours).items() if k in ("scale", "bias", "mean", "var")}
+        chex.assert_trees_all_equal(dict(state), dict(nnx.state(theirs)), strict=True)
+        assert ours.scale.get_metadata()["note"] == "kept"
+        for name in ("use_running_average", "axis", "momentum", "epsilon", "dtype"):
+            assert getattr(ours, name) == getattr(theirs, name), name
+        if cls is jaxrenorm.nnx.BatchNorm:
+            y, y_ref = ours(x), theirs(x)  # inference, features on axis 1, float16
+            assert y.dtype == y_ref.dtype == jnp.float16
+            np.testing.assert_allclose(y, y_ref, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("mask", [None, "features"])
+@pytest.mark.parametrize("use_fast_variance", [True, False])
+@pytest.mark.parametrize("param_dtype", [jnp.float32, jnp.float16])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16])
+def test_flax_nnx_scenarios(dtype, param_dtype, use_fast_variance, mask):
+    """Flax's own NNX normalization scenarios: flax.nnx, jaxrenorm.linen and the reference."""
+    x = jax.random.normal(jax.random.key(0), (10, 5)) * 2 + 1
+    valid = np.array([True, False, True, False, True]) if mask else np.ones(5, bool)
+    mask = None if mask is None else jnp.asarray(valid)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, use_fast_variance=use_fast_variance)
+    ours = jaxrenorm.nnx.BatchNorm(5, use_running_average=False, rngs=nnx.Rngs(42), **kw)
+    theirs = nnx.BatchNorm(5, use_running_average=False, rngs=nnx.Rngs(42), **kw)
+    y, y_ref = ours(x, mask=mask), theirs(x, mask=mask)
+    assert y.dtype == y_ref.dtype and ours.mean[...].dtype == theirs.mean[...].dtype
+    low = jnp.float16 in (dtype, param_dtype)
+    tol = dict(rtol=2e-3, atol=2e-3) if low else dict(rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y)[:, valid], np.asarray(y_ref)[:, valid], **tol)
+    for ours_stat, theirs_stat in ((ours.mean, theirs.mean), (ours.var, theirs.var)):
+        np.testing.assert_allclose(ours_stat[...][valid], theirs_stat[...][valid], **tol)
+    # Features with no valid element keep their statistics (Flax's become NaN).
+    np.testing.assert_array_equal(ours.mean[...][~valid], 0.0)
+    np.testing.assert_array_equal(ours.var[...][~valid], 1.0)
+    ref = reference.normalize(x, np.ones(5), np.zeros(5), np.zeros(5), np.ones(5), 0 * x, mask=mask)
+    np.testing.assert_allclose(np.asarray(y, np.float64)[:, valid], ref.y[:, valid], **tol)
+    # jaxrenorm.linen on the input and params as `promote_dtype` promotes them (as Flax's
+    # test compares its NNX and linen modules): bitwise the same output and statistics.
+    x, _, _, scale, bias = dtypes.promote_dtype(
+        (x, ours.mean[...], ours.var[...], ours.scale[...], ours.bias[...]), dtype=dtype
+    )
+    linen = jaxrenorm.linen.BatchNorm(use_running_average=False, **kw)
+    variables = {"params": {"scale": scale, "bias": bias}, "batch_stats": init_stats(5)}
+    y_linen, upd = linen.apply(variables, x, mask=mask, mutable=["batch_stats"])
+    chex.assert_trees_all_equal(
+        (y, ours.mean[...], ours.var[...]),
+        (y_linen, upd["batch_stats"]["mean"], upd["batch_stats"]["var"]),
+        strict=True,
+    )
+
+
+def test_nnx_view_sets_evaluation_beside_flax_layers():
+    class Model(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(3, 4, rngs=rngs)
+            self.dropout = nnx.Dropout(0.5, rngs=rngs)
+            self.norm = jaxrenorm.nnx.BatchRenorm(4, r_max=1.5, d_max=0.5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.norm(self.dropout(self.linear(x)))
+
+    model = Model(nnx.Rngs(0))
+    x = _batches(1, shape=(16, 3), seed=8)[0]
+    model(x)  # a training call moves the running statistics
+    evaluation = nnx.view(model, deterministic=True, use_running_average=True)
+    assert evaluation.norm.use_running_average and evaluation.dropout.deterministic
+    assert model.norm.use_running_average is False  # the model itself stays in training
+    y = evaluation(x)
+    h = np.asarray(model.linear(x), np.float64)
+    stats = (model.norm.mean[...], model.norm.var[...])
+    ref = reference.normalize(h, np.ones(4), np.zeros(4), *stats, 0 * h, train=False)
+    np.testing.assert_allclose(y, ref.y, rtol=2e-5, atol=2e-5)
+    assert jaxrenorm.batch_dependence(evaluation, x, key=jax.random.key(1)) < 1e-5
+    # A model whose only layer with the key is jaxrenorm's: no "unused keys" error.
+    alone = nnx.view(jaxrenorm.nnx.InstanceRenorm(4, rngs=nnx.Rngs(0)), use_running_average=True)
+    assert alone.use_running_average is True
+
+
+def test_custom_promote_dtype_is_used_and_statistics_stay_float32():
+    calls = []
+
+    def to_bfloat16(args, *, dtype=None):
+        calls.append((len(args), dtype))
+        return tuple(None if a is None else jnp.asarray(a, jnp.bfloat16) for a in args)
+
+    bn = jaxrenorm.nnx.BatchNorm(3, promote_dtype=to_bfloat16, rngs=nnx.Rngs(0))
+    y = bn(_batches(1, shape=(16, 3))[0])
+    assert calls == [(5, None)]  # (x, mean, var, scale, bias), as Flax calls it
+    assert y.dtype == jnp.bfloat16
+    assert bn.mean[...].dtype == jnp.float32 and bn.var[...].dtype == jnp.float32
+
+
+def test_parameter_metadata_shards_like_flax():
+    mesh = jax.make_mesh((2,), ("model",), devices=jax.devices()[:2])
+    meta = {"out_sharding": ("model",)}
+    with jax.set_mesh(mesh):
+        theirs = nnx.BatchNorm(4, scale_metadata=meta, bias_metadata=meta, rngs=nnx.Rngs(0))
+        ours = jaxrenorm.nnx.InstanceRenorm(
+            4, scale_metadata=meta, bias_metadata=meta, rho_metadata=meta, rngs=nnx.Rngs(0)
+        )
+    specs = nnx.get_partition_spec(nnx.state(ours))
+    flax_specs = nnx.get_partition_spec(nnx.state(theirs))
+    for name in ("scale", "bias", "mean", "var"):
+        assert specs[name].get_value() == flax_specs[name].get_value(), name
+    assert specs["rho"].get_value() == P("model")
+    assert ours.scale[...].sharding.spec == theirs.scale[...].sharding.spec == P("model")
