@@ -310,6 +310,25 @@ def check_batch_dependence_output(x_shape: tuple[int, ...], out_shape: tuple[int
         )
 
 
+def check_convert_target(to: Any, bases: tuple[type, ...]) -> None:
+    """`jaxrenorm.nnx.convert` builds layers of class `to`: a batch normalization layer."""
+    if not (isinstance(to, type) and issubclass(to, bases)):
+        names = ", ".join(f"{b.__module__}.{b.__name__}" for b in bases)
+        raise TypeError(
+            f"`to` must be a batch normalization class (a subclass of {names}), got {to!r}."
+        )
+
+
+def check_overrides(overrides: Mapping[str, Any], accepted: Sequence[str], target: str) -> None:
+    """`jaxrenorm.nnx.convert`'s overrides are constructor arguments of the new layers."""
+    unknown = sorted(set(overrides) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"convert got {', '.join(f'`{name}`' for name in unknown)}, which {target} does not "
+            f"take; the overrides are its constructor arguments: {', '.join(sorted(accepted))}."
+        )
+
+
 # --- PyTorch state dicts ------------------------------------------------------
 
 

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import inspect
+import warnings
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -20,7 +22,7 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes
 
 from jaxrenorm import schedules
-from jaxrenorm._checks import check_layout
+from jaxrenorm._checks import check_convert_target, check_layout, check_overrides
 from jaxrenorm._layers import (
     DIAGNOSTICS,
     Bound,
@@ -31,7 +33,7 @@ from jaxrenorm._layers import (
 )
 from jaxrenorm._norm import RenormTerms
 
-__all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm"]
+__all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm", "convert"]
 _ZEROS, _ONES = initializers.zeros_init(), initializers.ones_init()  # flax.nnx's defaults
 _HALF = initializers.constant(0.5)
 
@@ -302,3 +304,134 @@ class InstanceRenorm(BatchRenorm):
 
     def _gate(self, feature_shape: tuple[int, ...]) -> jax.Array:
         return self.rho[...]
+
+
+# --- converting existing models -------------------------------------------------
+
+# What `convert` hands from an old layer to its replacement, where both have it.
+_VARIABLES = ("mean", "var", "scale", "bias", "steps", "rho")
+
+
+def convert(model: Any, to: type = BatchRenorm, **overrides: Any) -> Any:
+    """Replaces every batch normalization layer of an NNX model, keeping its variables.
+
+    Every `flax.nnx.BatchNorm` and every jaxrenorm NNX layer inside `model`
+    (attributes, nested modules, `nnx.List` and `nnx.Dict` entries) is replaced,
+    in place, by a layer of class `to`, built with the old layer's settings (the
+    constructor arguments it keeps: `axis`, `momentum`, `epsilon`, `dtype`,
+    `use_running_average`, ...) and then `overrides`. The new layer takes over the
+    old one's variables, the same `nnx.Variable` objects with their metadata: `scale`,
+    `bias`, `mean` and `var`, and `steps` and `rho` where both layers have them;
+    those only the new layer has (BatchRenorm's `steps`, InstanceRenorm's `rho`)
+    start from their initial values. A layer referenced from several places
+    becomes one new layer referenced from all of them. The analogue of PyTorch's
+    `SyncBatchNorm.convert_sync_batchnorm`.
+
+    Converted to `jaxrenorm.nnx.BatchNorm`, a trained Flax model computes the same
+    outputs and training steps (up to Flax's less accurate default variance); to
+    `BatchRenorm` its inference is unchanged, and with the default bounds (the
+    paper's schedule) its first 5,000 training steps are BatchNorm's.
+
+    Args:
+      model: an NNX module, or a batch normalization layer itself.
+      to: the class of the new layers: `jaxrenorm.nnx.BatchRenorm` (default),
+        `BatchNorm` or `InstanceRenorm`, or `flax.nnx.BatchNorm` to go back
+        (settings Flax's layer does not take are dropped).
+      **overrides: constructor arguments of the new layers, e.g. `r_max=1.5,
+        d_max=0.5` or `virtual_batch_size=8`; `rngs` seeds the variables the new
+        layers create (default `nnx.Rngs(0)`).
+
+    Returns:
+      `model`, converted in place; the new layer if `model` itself is one.
+
+    Examples:
+      >>> import jax, jaxrenorm
+      >>> from flax import nnx
+      >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+      ...                        nnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0)))
+      >>> model = jaxrenorm.nnx.convert(model, jaxrenorm.nnx.BatchRenorm, r_max=1.5, d_max=0.5)
+      >>> type(model.layers[1]).__name__, model.layers[1].momentum
+      ('BatchRenorm', 0.9)
+    """
+    check_convert_target(to, _LAYERS)
+    accepted = _constructor_arguments(to)
+    check_overrides(overrides, [name for name in accepted if name != "num_features"], to.__name__)
+    rngs = overrides.pop("rngs", None) or nnx.Rngs(0)
+    new: dict[int, Any] = {}  # id(old layer) -> its replacement
+
+    def replacement(old):
+        if id(old) not in new:
+            new[id(old)] = _rebuilt(old, to, accepted, overrides, rngs)
+        return new[id(old)]
+
+    if isinstance(model, _LAYERS):
+        return replacement(model)
+    while True:  # until no old layer is left (shared ones appear under one path per scan)
+        created = {id(layer) for layer in new.values()}
+        old = [
+            (path, node)
+            for path, node in nnx.iter_graph(model)
+            if isinstance(node, _LAYERS) and id(node) not in created
+        ]
+        if not old:
+            break
+        for path, node in old:
+            model = _replaced(model, path, replacement(node))
+    if not new:
+        warnings.warn(
+            "convert found no flax.nnx.BatchNorm and no jaxrenorm.nnx layer in the model; "
+            "it is returned unchanged.",
+            stacklevel=2,
+        )
+    return model
+
+
+_LAYERS = (nnx.BatchNorm, BatchNorm)
+
+
+def _constructor_arguments(cls: type) -> list[str]:
+    """The named constructor arguments of `cls`, along its bases (which take **kwargs)."""
+    names: dict[str, None] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass) and issubclass(klass, _LAYERS):
+            for name, p in inspect.signature(klass.__init__).parameters.items():
+                if name != "self" and p.kind != inspect.Parameter.VAR_KEYWORD:
+                    names[name] = None
+    return list(names)
+
+
+def _rebuilt(old: Any, to: type, accepted: list[str], overrides: dict, rngs: nnx.Rngs) -> Any:
+    """A `to` layer with `old`'s settings and variables, and `overrides`."""
+    settings = {
+        name: getattr(old, name)
+        for name in accepted
+        if name not in ("num_features", "rngs") and hasattr(old, name)
+    }
+    layer = to(old.num_features, rngs=rngs, **(settings | overrides))
+    for name in _VARIABLES:
+        if getattr(old, name, None) is not None and getattr(layer, name, None) is not None:
+            setattr(layer, name, getattr(old, name))
+    return layer
+
+
+def _replaced(root: Any, path: tuple, value: Any) -> Any:
+    """`root` with the node at `path` replaced by `value` (in place where it can be)."""
+    if not path:
+        return value
+    parent = root
+    for key in path[:-1]:
+        parent = parent[key] if _indexed(parent) else getattr(parent, key)
+    key = path[-1]
+    if isinstance(parent, tuple):  # immutable: replace the tuple in its own parent
+        items = [value if i == key else item for i, item in enumerate(parent)]
+        return _replaced(root, path[:-1], type(parent)(items))
+    if _indexed(parent):
+        parent[key] = value
+    else:
+        setattr(parent, key, value)
+    return root
+
+
+def _indexed(node: Any) -> bool:
+    """Whether a graph node's children are items (lists, dicts) rather than attributes."""
+    return isinstance(node, Mapping | Sequence) and not isinstance(node, str)

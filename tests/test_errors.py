@@ -311,6 +311,12 @@ TRIGGERS = {
         lambda: schedules.r_max_schedule(final=0.5),
         lambda: schedules.d_max_schedule(final=-1.0),
     ],
+    "convert-target": [
+        lambda: jaxrenorm.nnx.convert(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), to=nnx.LayerNorm)
+    ],
+    "convert-override": [
+        lambda: jaxrenorm.nnx.convert(nnx.BatchNorm(2, rngs=nnx.Rngs(0)), r_maxx=3.0)
+    ],
     "recalibrate-no-layer": [_exhausted_recalibrate],
     "batch-dependence-too-few": [lambda: jaxrenorm.batch_dependence(lambda x: x, X[:3], key=_KEY)],
     "batch-dependence-batch-size": [

@@ -1,5 +1,6 @@
 """jaxrenorm.nnx against flax.nnx.BatchNorm, the linen modules and the float64 reference."""
 
+import functools
 import inspect
 
 import chex
@@ -402,3 +403,141 @@ def test_parameter_metadata_shards_like_flax():
         assert specs[name].get_value() == flax_specs[name].get_value(), name
     assert specs["rho"].get_value() == P("model")
     assert ours.scale[...].sharding.spec == theirs.scale[...].sharding.spec == P("model")
+
+
+# --- convert ---------------------------------------------------------------------
+
+
+class _Block(nnx.Module):
+    def __init__(self, features_in, rngs):
+        self.conv = nnx.Conv(features_in, 4, (3, 3), use_bias=False, rngs=rngs)
+        self.norm = nnx.BatchNorm(4, momentum=0.8, rngs=rngs)
+
+    def __call__(self, x):
+        return nnx.relu(self.norm(self.conv(x)))
+
+
+class _Zoo(nnx.Module):
+    """A model as a zoo ships it: Flax's BatchNorm in a list, a dict and a shared layer."""
+
+    def __init__(self, rngs):
+        self.stem = nnx.Conv(2, 3, (3, 3), rngs=rngs)
+        self.blocks = nnx.List([_Block(3, rngs), _Block(4, rngs)])
+        self.heads = nnx.Dict({"logits": nnx.Linear(4, 5, rngs=rngs)})
+        self.norms = nnx.Dict({"pre": nnx.BatchNorm(4, epsilon=1e-3, rngs=rngs)})
+        self.last = self.norms["pre"]  # the same layer under two names
+
+    def __call__(self, x):
+        x = self.stem(x)
+        x = self.blocks[1](self.blocks[0](x) - 1.0)  # block 1 sees block 0's output
+        return self.heads["logits"](self.last(x).mean((1, 2)))
+
+
+def _zoo_data(seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(8, 6, 6, 2)) * 2 + 1, jnp.float32)
+    return x, jnp.asarray(rng.integers(0, 5, size=8))
+
+
+@nnx.jit
+def _train_step(model, optimizer, x, labels):
+    def loss_fn(model):
+        logits = model(x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss, grads
+
+
+@functools.cache
+def _zoo_training():
+    model = _Zoo(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+    for seed in range(3):
+        _train_step(model, optimizer, *_zoo_data(seed))
+    return model, optimizer
+
+
+def _trained_zoo_model():
+    """A fresh copy of a model (and its optimizer) trained for 3 steps with Flax's layer."""
+    return tuple(nnx.clone(node) for node in _zoo_training())
+
+
+def test_convert_flax_model_to_batch_norm_changes_no_output_or_training_step():
+    model, optimizer = _trained_zoo_model()
+    flax_model = nnx.clone(model)
+    flax_optimizer = nnx.Optimizer(flax_model, optax.adam(1e-2), wrt=nnx.Param)
+    nnx.update(flax_optimizer, nnx.clone(nnx.state(optimizer)))
+    scale = model.blocks[0].norm.scale
+    assert jaxrenorm.nnx.convert(model, to=jaxrenorm.nnx.BatchNorm) is model
+    for norm in (model.blocks[0].norm, model.blocks[1].norm, model.norms["pre"]):
+        assert type(norm) is jaxrenorm.nnx.BatchNorm
+    assert model.last is model.norms["pre"] and model.last.epsilon == 1e-3
+    assert model.blocks[0].norm.momentum == 0.8 and model.blocks[0].norm.scale is scale
+    x, labels = _zoo_data(7)
+    evaluate = lambda m: nnx.view(m, use_running_average=True)(x)  # noqa: E731
+    np.testing.assert_allclose(evaluate(model), evaluate(flax_model), rtol=1e-6, atol=1e-6)
+    # One more training step, with the optimizer built before the conversion.
+    loss, grads = _train_step(model, optimizer, x, labels)
+    loss_ref, grads_ref = _train_step(flax_model, flax_optimizer, x, labels)
+    np.testing.assert_allclose(loss, loss_ref, rtol=1e-6)
+    chex.assert_trees_all_close(nnx.to_pure_dict(grads), nnx.to_pure_dict(grads_ref), atol=2e-5)
+    chex.assert_trees_all_close(
+        nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(nnx.state(flax_model)), atol=2e-5
+    )
+
+
+def test_convert_between_jaxrenorm_layers_carries_settings_and_variables():
+    model, _ = _trained_zoo_model()
+    x, _ = _zoo_data(8)
+    y_eval = nnx.view(model, use_running_average=True)(x)
+    r_max, d_max = jaxrenorm.schedules.scaled_paper_schedules(100)
+    jaxrenorm.nnx.convert(model, r_max=r_max, d_max=d_max, virtual_batch_size=4)
+    norm = model.blocks[1].norm
+    assert type(norm) is jaxrenorm.nnx.BatchRenorm and norm.virtual_batch_size == 4
+    assert norm.r_max is r_max and int(norm.steps[...]) == 0 and norm.momentum == 0.8
+    np.testing.assert_allclose(nnx.view(model, use_running_average=True)(x), y_eval, atol=1e-6)
+    model(x)  # a training call
+    assert int(model.blocks[1].norm.steps[...]) == 1
+    mean = model.blocks[1].norm.mean
+    jaxrenorm.nnx.convert(model, to=jaxrenorm.nnx.InstanceRenorm, rngs=nnx.Rngs(3))
+    norm = model.blocks[1].norm
+    assert type(norm) is jaxrenorm.nnx.InstanceRenorm and norm.mean is mean
+    assert int(norm.steps[...]) == 1 and norm.virtual_batch_size == 4  # carried over
+    np.testing.assert_array_equal(norm.rho[...], 0.5)  # new: at its initial value
+    # Back to Flax: the variables stay, jaxrenorm's own settings and variables go.
+    jaxrenorm.nnx.convert(model, to=nnx.BatchNorm)
+    assert type(model.blocks[1].norm) is nnx.BatchNorm and model.blocks[1].norm.mean is mean
+    assert not hasattr(model.blocks[1].norm, "rho")
+
+
+def test_converted_model_splits_merges_and_jits():
+    model, _ = _trained_zoo_model()
+    jaxrenorm.nnx.convert(model, to=jaxrenorm.nnx.BatchRenorm, r_max=1.5, d_max=0.5)
+    graphdef, state = nnx.split(model)
+    x, _ = _zoo_data(9)
+    merged = nnx.merge(graphdef, state)
+    y_ref = nnx.clone(model)(x)
+
+    @nnx.jit
+    def train_call(model, x):
+        return model(x)
+
+    np.testing.assert_allclose(train_call(merged, x), y_ref, rtol=1e-5, atol=1e-5)
+    assert type(merged.last) is jaxrenorm.nnx.BatchRenorm and merged.last is merged.norms["pre"]
+
+
+def test_convert_edge_cases():
+    layer = nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    new = jaxrenorm.nnx.convert(layer, to=jaxrenorm.nnx.BatchNorm)  # the model is the layer
+    assert type(new) is jaxrenorm.nnx.BatchNorm and new.scale is layer.scale
+    linear = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+    with pytest.warns(UserWarning, match="no flax.nnx.BatchNorm"):
+        assert jaxrenorm.nnx.convert(linear) is linear
+    with pytest.raises(TypeError, match="`r_maxx`, which BatchRenorm does not take"):
+        jaxrenorm.nnx.convert(layer, r_maxx=3.0)
+    with pytest.raises(TypeError, match="`num_features`"):
+        jaxrenorm.nnx.convert(layer, num_features=4)
+    with pytest.raises(TypeError, match="`to` must be a batch normalization class"):
+        jaxrenorm.nnx.convert(layer, to=nnx.LayerNorm)
