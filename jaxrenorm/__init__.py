@@ -13,7 +13,13 @@ and Flax linen modules (`jaxrenorm.linen.BatchNorm`, a drop-in for
 from jaxrenorm import interop, linen, nnx, schedules
 from jaxrenorm._norm import batch_norm, batch_renorm, init_batch_stats, instance_renorm
 from jaxrenorm._stats import moments
-from jaxrenorm.tools import batch_dependence, collect_diagnostics, fold_batch_norm, recalibrate
+from jaxrenorm.tools import (
+    batch_dependence,
+    collect_diagnostics,
+    fold_batch_norm,
+    pool_moments,
+    recalibrate,
+)
 
 __version__ = "0.1.0"
 
@@ -29,6 +35,7 @@ __all__ = [
     "linen",
     "moments",
     "nnx",
+    "pool_moments",
     "recalibrate",
     "schedules",
 ]

@@ -292,7 +292,9 @@ def check_recorded(recorded: bool) -> None:
     if not recorded:
         raise ValueError(
             "recalibrate saw no jaxrenorm normalization layer run (or no batch); check "
-            "`model`, `batches` and that the layers are jaxrenorm.linen modules."
+            "`batches` and that the model's layers are jaxrenorm.linen or jaxrenorm.nnx "
+            "modules (jaxrenorm.nnx.convert turns an NNX model's flax.nnx.BatchNorm layers "
+            "into jaxrenorm's)."
         )
 
 

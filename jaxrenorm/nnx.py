@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -32,10 +32,21 @@ from jaxrenorm._layers import (
     renorm_diagnostics,
 )
 from jaxrenorm._norm import RenormTerms
+from jaxrenorm.tools import (
+    input_moments,
+    is_recording_inputs,
+    pooled_inputs,
+    population_statistics,
+    recording_inputs,
+)
 
-__all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm", "convert"]
+__all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm", "convert", "recalibrate"]
 _ZEROS, _ONES = initializers.zeros_init(), initializers.ones_init()  # flax.nnx's defaults
 _HALF = initializers.constant(0.5)
+
+
+class InputMoments(nnx.Intermediate):
+    """(count, mean, var) of a layer's input per call, sown while `recalibrate` runs."""
 
 
 class BatchNorm(nnx.Module):
@@ -161,6 +172,8 @@ class BatchNorm(nnx.Module):
             "`.train()` / `.eval()` or `nnx.view(model, use_running_average=...)`.",
         )
         x, layout = check_layout(x, self.axis)
+        if is_recording_inputs():  # tracing inside `recalibrate`
+            self.sow(InputMoments, "input_moments", input_moments(x, layout, mask))
         mean, var = self.mean[...], self.var[...]
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
@@ -435,3 +448,72 @@ def _replaced(root: Any, path: tuple, value: Any) -> Any:
 def _indexed(node: Any) -> bool:
     """Whether a graph node's children are items (lists, dicts) rather than attributes."""
     return isinstance(node, Mapping | Sequence) and not isinstance(node, str)
+
+
+# --- recalibration -----------------------------------------------------------------
+
+
+def recalibrate(
+    model: Any, batches: Iterable[Any], *, progress: bool = False, **call_kwargs: Any
+) -> Any:
+    """Replaces every jaxrenorm layer's running statistics by exact population statistics.
+
+    The NNX counterpart of `jaxrenorm.recalibrate`, with the same semantics: runs
+    `model(batch, **call_kwargs)` on each batch (one jitted pass per batch, each
+    from the model's state as given) and records the input of every jaxrenorm NNX
+    layer; the new `mean` and `var` are the mean and pooled biased variance over
+    all valid elements of all batches, merged in float64 by
+    `jaxrenorm.pool_moments`, and are written into the layers' `nnx.BatchStat`s.
+    Nothing else changes: parameters, `steps` counters, other state and the
+    model's mode are as before. Features that no batch had a valid element of
+    keep their statistics.
+
+    The model's mode decides which statistics the layers use during the pass: in
+    training mode (`model.train()`, the usual choice, "precise BatchNorm") every
+    layer normalizes with its batch's statistics, so each sees its input as
+    training produced it; use large batches. Use it after training with small or
+    non-i.i.d. batches, after weight averaging, or on a new domain.
+
+    Args:
+      model: an NNX module with jaxrenorm NNX normalization layers (convert a
+        Flax model's with `jaxrenorm.nnx.convert`).
+      batches: an iterable of inputs; a tuple is passed as positional arguments.
+        Sharded batches work.
+      progress: show a tqdm progress bar (tqdm must be installed).
+      **call_kwargs: passed to the model's call; a `mask` reaching a layer is
+        honoured.
+
+    Returns:
+      `model`, with new running statistics.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxrenorm
+      >>> from flax import nnx
+      >>> bn = jaxrenorm.nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+      >>> x = jax.random.normal(jax.random.key(0), (64, 3)) * 3 + 5
+      >>> bn = jaxrenorm.nnx.recalibrate(bn, [x[:40], x[40:]])
+      >>> bool(jnp.allclose(bn.var[...], x.var(0), rtol=1e-5))
+      True
+    """
+    layers = {path: node for path, node in nnx.iter_graph(model) if isinstance(node, BatchNorm)}
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def batch_moments(state, batch):
+        work = nnx.merge(graphdef, state)  # a copy: its training-mode updates are dropped
+        with recording_inputs():
+            args = batch if isinstance(batch, tuple) else (batch,)
+            _, moments = nnx.capture(work, InputMoments)(*args, **call_kwargs)
+        return moments
+
+    def recorded(batch):
+        for path, calls in nnx.to_flat_state(jax.device_get(batch_moments(state, batch))):
+            yield path[:-1], calls.get_value()
+
+    pooled = pooled_inputs(batches if layers else (), recorded, progress)
+    for path, moments in pooled.items():
+        layer = layers[path]
+        layer.mean[...], layer.var[...] = population_statistics(
+            moments, layer.mean[...], layer.var[...]
+        )
+    return model

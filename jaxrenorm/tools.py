@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -12,6 +14,7 @@ import numpy as np
 from flax.core import unfreeze
 
 from jaxrenorm._checks import (
+    Layout,
     check_batch_dependence_input,
     check_batch_dependence_output,
     check_batch_stats,
@@ -24,7 +27,14 @@ from jaxrenorm._checks import (
 from jaxrenorm._layers import DIAGNOSTICS
 from jaxrenorm._stats import compute_moments
 
-__all__ = ["batch_dependence", "collect_diagnostics", "fold_batch_norm", "recalibrate"]
+__all__ = [
+    "PooledMoments",
+    "batch_dependence",
+    "collect_diagnostics",
+    "fold_batch_norm",
+    "pool_moments",
+    "recalibrate",
+]
 
 
 def collect_diagnostics(intermediates: Mapping[str, Any], sep: str = "/") -> dict[str, jax.Array]:
@@ -70,6 +80,146 @@ def collect_diagnostics(intermediates: Mapping[str, Any], sep: str = "/") -> dic
     return out
 
 
+# --- recalibration -------------------------------------------------------------
+
+
+class PooledMoments(NamedTuple):
+    """The moments of data seen in parts, pooled in float64 (returned by `pool_moments`).
+
+    Attributes:
+      count: valid elements per feature.
+      mean: their mean (0 where `count` is 0).
+      m2: the sum of squared deviations from `mean`.
+    """
+
+    count: np.ndarray
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @property
+    def var(self) -> np.ndarray:
+        """The biased variance over all the data (0 where `count` is 0)."""
+        return self.m2 / np.maximum(self.count, 1)
+
+
+def pool_moments(pooled: PooledMoments | None, mean: Any, var: Any, count: Any) -> PooledMoments:
+    r"""Adds the mean and biased variance of one more part of the data to `pooled`.
+
+    The population statistics of data too large for one batch, from each batch's
+    moments: exact, in float64 on the host (Chan, Golub & LeVeque 1983), weighted
+    by each part's count of valid elements, never the mean of per-batch
+    variances. With n, mu, M2 = n * var for the pooled data (a) and the new part
+    (b):
+
+    ```math
+    n = n_a + n_b, \quad \delta = \mu_b - \mu_a, \quad
+    \mu = \mu_a + \delta\, n_b / n, \quad
+    M_2 = M_{2,a} + M_{2,b} + \delta^2 n_a n_b / n
+    ```
+
+    `recalibrate` (linen and NNX) pools each layer's input this way; with the
+    pure functions, pool `jaxrenorm.moments` of a layer's input over the batches
+    and use the result as its running statistics.
+
+    Args:
+      pooled: the result of the previous call, or None for the first part.
+      mean: the part's mean per feature (e.g. from `jaxrenorm.moments`).
+      var: its biased variance per feature.
+      count: its number of valid elements, per feature or one number (the
+        product of the reduced axes' sizes without a mask).
+
+    Returns:
+      The pooled `PooledMoments`; `.mean` and `.var` are the statistics so far.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxrenorm
+      >>> x = jax.random.normal(jax.random.key(0), (100, 3)) * 2 + 5
+      >>> pooled = None
+      >>> for part in (x[:30], x[30:]):
+      ...     mean, var = jaxrenorm.moments(part, axes=0)
+      ...     pooled = jaxrenorm.pool_moments(pooled, mean, var, count=part.shape[0])
+      >>> bool(jnp.allclose(pooled.var, x.var(0), rtol=1e-5))
+      True
+    """
+    n = np.asarray(count, np.float64)
+    mean = np.where(n > 0, np.asarray(mean, np.float64), 0.0)
+    n = np.broadcast_to(n, mean.shape)
+    m2 = np.asarray(var, np.float64) * n
+    if pooled is None:
+        return PooledMoments(n, mean, m2)
+    total = pooled.count + n
+    safe = np.maximum(total, 1)
+    delta = mean - pooled.mean
+    return PooledMoments(
+        total,
+        pooled.mean + delta * n / safe,
+        pooled.m2 + m2 + delta**2 * pooled.count * n / safe,
+    )
+
+
+def input_moments(
+    x: jax.Array, layout: Layout, mask: jax.Array | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(count, mean, var) of a layer's input per feature: what recalibration records."""
+    if mask is not None:
+        mask = check_mask(mask, x.shape)
+    m = compute_moments(x, layout.reduction_axes, mask=mask)
+    return tuple(jnp.squeeze(v, layout.reduction_axes) for v in (m.count, m.mean, m.var))
+
+
+_RECORDING = contextvars.ContextVar("jaxrenorm_recording_inputs", default=False)
+
+
+@contextlib.contextmanager
+def recording_inputs() -> Iterator[None]:
+    """While tracing inside it, the NNX layers record their inputs' moments."""
+    token = _RECORDING.set(True)
+    try:
+        yield
+    finally:
+        _RECORDING.reset(token)
+
+
+def is_recording_inputs() -> bool:
+    return _RECORDING.get()
+
+
+def pooled_inputs(
+    batches: Iterable[Any],
+    batch_moments: Callable[[Any], Iterable[tuple[tuple, Sequence[tuple]]]],
+    progress: bool,
+) -> dict[tuple, PooledMoments]:
+    """{layer path: pooled moments of its input}, over `batches`.
+
+    `batch_moments(batch)` runs the model on one batch and returns, per layer
+    path, the (count, mean, var) of the layer's input at each of its calls.
+    """
+    pooled: dict[tuple, PooledMoments] = {}
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="recalibrate")
+    for batch in batches:
+        for path, calls in batch_moments(batch):
+            for count, mean, var in calls:
+                pooled[path] = pool_moments(pooled.get(path), mean, var, count)
+    check_recorded(bool(pooled))
+    return pooled
+
+
+def population_statistics(
+    pooled: PooledMoments, mean: jax.Array, var: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """The pooled mean and variance in the running statistics' dtypes.
+
+    Features that no batch had a valid element of keep `mean` and `var`.
+    """
+    has_data = pooled.count > 0
+    new_mean = np.where(has_data, pooled.mean, np.asarray(mean))
+    new_var = np.where(has_data, pooled.var, np.asarray(var))
+    return jnp.asarray(new_mean, mean.dtype), jnp.asarray(new_var, var.dtype)
+
+
 _RECAL = "jaxrenorm_recalibration"
 
 
@@ -86,14 +236,10 @@ def recalibrate(
     Runs `model.apply(variables, batch, **apply_kwargs)` on each batch and records
     the input of every `jaxrenorm.linen` normalization layer. The new `mean` is the
     mean over all valid examples of all batches and the new `var` the pooled biased
-    variance over all of them, merged in float64 with Chan et al.'s formula
-    (count-weighted, so batches of different sizes and masks count by their
-    valid elements; never the average of per-batch variances):
-
-    ```math
-    n = n_a + n_b, \quad \delta = \mu_b - \mu_a, \quad
-    M_2 = M_{2,a} + M_{2,b} + \delta^2 n_a n_b / n
-    ```
+    variance over all of them, merged in float64 by `pool_moments` (count-weighted,
+    so batches of different sizes and masks count by their valid elements; never
+    the average of per-batch variances). For Flax NNX models use
+    `jaxrenorm.nnx.recalibrate`.
 
     Which statistics upstream layers use during the pass is set by
     `apply_kwargs`. With the model's training mode (e.g. `train=True`, the
@@ -139,13 +285,7 @@ def recalibrate(
         module = context.module
         if isinstance(module, _Normalization) and context.method_name == "__call__":
             x, layout = check_layout(args[0], module.axis)
-            mask = kwargs.get("mask")
-            mask = None if mask is None else check_mask(mask, x.shape)
-            m = compute_moments(x, layout.reduction_axes, mask=mask)
-            stats = (m.count, m.mean, m.var * m.count)  # n, mean, M2 (sum of squares)
-            module.sow(
-                _RECAL, "moments", tuple(jnp.squeeze(s, layout.reduction_axes) for s in stats)
-            )
+            module.sow(_RECAL, "moments", input_moments(x, layout, kwargs.get("mask")))
         return next_fun(*args, **kwargs)
 
     @jax.jit
@@ -157,49 +297,25 @@ def recalibrate(
             )
         return state.get(_RECAL, {})
 
-    pooled: dict[tuple[str, ...], list[np.ndarray]] = {}
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="recalibrate")
-    for batch in batches:
-        for path, calls in _leaves(jax.device_get(batch_moments(variables, batch))):
-            for n, mean, m2 in calls:
-                pooled[path] = _chan_merge(pooled.get(path), n, mean, m2)
-    check_recorded(bool(pooled))
+    pooled = pooled_inputs(
+        batches, lambda batch: _leaves(jax.device_get(batch_moments(variables, batch))), progress
+    )
     new = unfreeze(jax.tree.map(lambda a: a, dict(variables)))
-    for path, (n, mean, m2) in pooled.items():
+    for path, moments in pooled.items():
         node = new["batch_stats"]
         for key in path:
             node = node[key]
-        has_data = n > 0
-        var = np.where(has_data, m2 / np.maximum(n, 1), np.asarray(node["var"]))
-        mean = np.where(has_data, mean, np.asarray(node["mean"]))
-        node["mean"] = jnp.asarray(mean, node["mean"].dtype)
-        node["var"] = jnp.asarray(var, node["var"].dtype)
+        node["mean"], node["var"] = population_statistics(moments, node["mean"], node["var"])
     return new
 
 
 def _leaves(tree: Mapping[str, Any], path: tuple[str, ...] = ()):
-    """(module path, sown tuple of (n, mean, M2) per call) for every recorded layer."""
+    """(module path, sown tuple of (count, mean, var) per call) for every recorded layer."""
     for key, value in tree.items():
         if key == "moments" and isinstance(value, tuple):
             yield path, value
         elif isinstance(value, Mapping):
             yield from _leaves(value, (*path, key))
-
-
-def _chan_merge(acc, n, mean, m2):
-    """Merges (n, mean, M2) into the float64 accumulator (Chan, Golub & LeVeque 1983)."""
-    n, mean, m2 = (np.asarray(a, np.float64) for a in (n, mean, m2))
-    mean = np.where(n > 0, mean, 0.0)
-    if acc is None:
-        return [n, mean, m2]
-    n_a, mean_a, m2_a = acc
-    total = n_a + n
-    safe = np.maximum(total, 1)
-    delta = mean - mean_a
-    return [total, mean_a + delta * n / safe, m2_a + m2 + delta**2 * n_a * n / safe]
 
 
 def fold_batch_norm(

@@ -317,7 +317,10 @@ TRIGGERS = {
     "convert-override": [
         lambda: jaxrenorm.nnx.convert(nnx.BatchNorm(2, rngs=nnx.Rngs(0)), r_maxx=3.0)
     ],
-    "recalibrate-no-layer": [_exhausted_recalibrate],
+    "recalibrate-no-layer": [
+        _exhausted_recalibrate,
+        lambda: jaxrenorm.nnx.recalibrate(nnx.BatchNorm(4, rngs=nnx.Rngs(0)), [X]),
+    ],
     "batch-dependence-too-few": [lambda: jaxrenorm.batch_dependence(lambda x: x, X[:3], key=_KEY)],
     "batch-dependence-batch-size": [
         lambda: jaxrenorm.batch_dependence(lambda x: jnp.mean(x**2), X, key=_KEY)

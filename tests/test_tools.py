@@ -1,10 +1,13 @@
 """jaxrenorm.tools: diagnostics collected from BatchRenorm(diagnostics=True)."""
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 import jaxrenorm
 from tests import reference
@@ -266,3 +269,78 @@ def test_recalibrate_with_batches_sharded_over_devices():
     mean, var = _pooled(chunks)
     np.testing.assert_allclose(new["batch_stats"]["mean"], mean, rtol=1e-6)
     np.testing.assert_allclose(new["batch_stats"]["var"], var, rtol=1e-5)
+
+
+# --- pool_moments and the NNX recalibration ------------------------------------------
+
+
+def test_pool_moments_is_exact_over_parts_with_different_counts():
+    """Chan's merge in float64: the moments of the union, not a mean of per-part moments."""
+    rng = np.random.default_rng(5)
+    parts = [rng.normal(size=(n, 3)) * rng.uniform(0.5, 3) + 1e4 for n in (1, 9, 40)]
+    masks = [rng.random(p.shape) < 0.7 for p in parts]
+    masks[0][:] = [True, False, True]  # a part where one feature has no valid element
+    pooled = None
+    for part, mask in zip(parts, masks, strict=True):
+        mean, var, count = reference.moments(part, (0,), mask)
+        pooled = jaxrenorm.pool_moments(pooled, mean[0], var[0], count[0])
+    mean, var = _pooled(parts, masks)
+    np.testing.assert_allclose(pooled.mean, mean, rtol=1e-14)
+    np.testing.assert_allclose(pooled.var, var, rtol=1e-10)
+    np.testing.assert_array_equal(pooled.count, sum(m.sum(0) for m in masks))
+
+
+class _TwoLayers(nnx.Module):
+    def __init__(self, w, rngs):
+        self.w = nnx.Param(jnp.asarray(w, jnp.float32))
+        self.first = jaxrenorm.nnx.BatchNorm(3, rngs=rngs)
+        r_max, d_max = jaxrenorm.schedules.scaled_paper_schedules(100)
+        self.second = jaxrenorm.nnx.BatchRenorm(4, r_max=r_max, d_max=d_max, rngs=rngs)
+
+    def __call__(self, x, mask=None):
+        return self.second(self.first(x, mask=mask) @ self.w[...] + 1.0, mask=mask)
+
+
+def test_nnx_recalibrate_two_layers_against_the_reference():
+    """Training mode: layer 2 sees layer 1's batch-normalized output; nothing else moves."""
+    rng = np.random.default_rng(6)
+    w = rng.normal(size=(3, 4))
+    model = _TwoLayers(w, nnx.Rngs(0))
+    model.first.scale[...] = jnp.asarray([0.5, 1.0, 2.0])
+    model.second.steps[...] = 7
+    before = nnx.clone(model)
+    chunks = [jnp.asarray(rng.normal(size=(b, 3)) * 2 - 1, jnp.float32) for b in (16, 24, 5)]
+    assert jaxrenorm.nnx.recalibrate(model, chunks) is model
+    hidden = []
+    for c in chunks:
+        zeros, ones = np.zeros(3), np.ones(3)
+        ref = reference.normalize(np.asarray(c, np.float64), [0.5, 1, 2], zeros, zeros, ones, 0 * c)
+        hidden.append(ref.y @ w + 1.0)
+    for layer, data in ((model.first, chunks), (model.second, hidden)):
+        mean, var = _pooled(data)
+        np.testing.assert_allclose(layer.mean[...], mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(layer.var[...], var, rtol=1e-5)
+    chex.assert_trees_all_equal(nnx.state(model, nnx.Param), nnx.state(before, nnx.Param))
+    assert int(model.second.steps[...]) == 7 and model.first.use_running_average is False
+
+
+def test_nnx_recalibrate_masks_sharded_batches_and_errors():
+    rng = np.random.default_rng(7)
+    chunks = [jnp.asarray(rng.normal(size=(16, 3)) * 2 + 7, jnp.float32) for _ in range(3)]
+    masks = [jnp.asarray(rng.random((16, 1)) < 0.6) for _ in range(3)]
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharded = [
+        tuple(jax.device_put(a, jax.sharding.NamedSharding(mesh, P("data"))) for a in pair)
+        for pair in zip(chunks, masks, strict=True)
+    ]
+    model = _TwoLayers(rng.normal(size=(3, 4)), nnx.Rngs(0))
+    jaxrenorm.nnx.recalibrate(model, sharded, progress=True)  # (x, mask) pairs
+    full_masks = [np.broadcast_to(m, c.shape) for c, m in zip(chunks, masks, strict=True)]
+    mean, var = _pooled(chunks, full_masks)
+    np.testing.assert_allclose(model.first.mean[...], mean, rtol=1e-6)
+    np.testing.assert_allclose(model.first.var[...], var, rtol=1e-5)
+    flax_only = nnx.Sequential(
+        nnx.Linear(3, 3, rngs=nnx.Rngs(0)), nnx.BatchNorm(3, rngs=nnx.Rngs(0))
+    )
+    with pytest.raises(ValueError, match=r"jaxrenorm.nnx.convert turns"):
+        jaxrenorm.nnx.recalibrate(flax_only, chunks)
