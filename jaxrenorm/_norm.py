@@ -63,7 +63,14 @@ from jaxrenorm._checks import (
     check_scalar,
     check_virtual_batch,
 )
-from jaxrenorm._stats import Moments, compute_moments, explicit_sharding, merge_moments, stats_dtype
+from jaxrenorm._stats import (
+    Moments,
+    compute_moments,
+    explicit_sharding,
+    merge_moments,
+    sharded_like,
+    stats_dtype,
+)
 
 Params = Mapping[str, jax.Array | None] | None
 BatchStats = Mapping[str, jax.Array]
@@ -821,8 +828,9 @@ def _update_running(
     # Keep the stored dtype (float32), unless that would drop a complex mean's
     # imaginary part.
     mean_dtype = new_mean.dtype if jnp.iscomplexobj(new_mean) else running.mean.dtype
+    old_mean, old_var = sharded_like(running.mean, new_mean), sharded_like(running.var, new_var)
     return {
         **batch_stats,
-        "mean": jnp.where(ok, new_mean, running.mean).astype(mean_dtype),
-        "var": jnp.where(ok, new_var, running.var).astype(running.var.dtype),
+        "mean": jnp.where(ok, new_mean, old_mean).astype(mean_dtype),
+        "var": jnp.where(ok, new_var, old_var).astype(running.var.dtype),
     }

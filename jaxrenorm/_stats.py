@@ -77,6 +77,18 @@ def explicit_sharding(a: jax.Array) -> tuple[Any, tuple]:
     return mesh, spec + (None,) * (a.ndim - len(spec))
 
 
+def sharded_like(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a` resharded like `b` where their explicit shardings differ, else `a` itself.
+
+    A select (`jnp.where`) needs its operands sharded alike; statistics computed
+    from an input sharded along its features are, the stored ones may not be.
+    """
+    mesh, spec = explicit_sharding(b)
+    if mesh is None or explicit_sharding(a)[1] == spec:
+        return a
+    return jax.sharding.reshard(a, NamedSharding(mesh, P(*spec)))
+
+
 def _first(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     """x at index 0 of each of `axes` (kept, size 1).
 

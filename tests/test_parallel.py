@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -476,3 +477,121 @@ def test_virtual_batches_are_local_to_each_device():
         )
         np.testing.assert_allclose(y[d], ref.y, rtol=2e-5, atol=2e-5)
         np.testing.assert_allclose(new["var"][d], ref.new_var, rtol=2e-5)
+
+
+# --- Flax NNX ---------------------------------------------------------------------
+
+NNX_KINDS = {
+    "bn": (jaxrenorm.nnx.BatchNorm, {}),
+    "brn": (jaxrenorm.nnx.BatchRenorm, {"r_max": 1.5, "d_max": 0.5}),
+    "bn_bessel": (jaxrenorm.nnx.BatchNorm, {"bessel_correction": True}),
+    "irn": (jaxrenorm.nnx.InstanceRenorm, {"r_max": 1.5, "d_max": 0.5}),
+}
+
+
+def _nnx_model(kind, params, stats, **kw):
+    cls, extra = NNX_KINDS[kind]
+    features = len(stats["mean"])
+    model = cls(features, momentum=0.99, rngs=nnx.Rngs(0), **extra, **kw)
+    for name, value in {**params, **stats}.items():
+        getattr(model, name)[...] = jnp.asarray(value, jnp.float32)
+    return model
+
+
+def _nnx_check(model, y, dx, grads, ref, mask):
+    params = {name: grads[name][...] for name in ("scale", "bias", "rho") if name in grads}
+    new = {"mean": model.mean[...], "var": model.var[...]}
+    _check(y, new, (dx, params), ref, mask)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "unequal"])
+@pytest.mark.parametrize("kind", NNX_KINDS)
+def test_nnx_shard_map(kind, mask_kind):
+    x, params, stats, g, mask = _problem(11, mask_kind, kind="irn" if kind == "irn" else "bn")
+    model = _nnx_model(kind, params, stats, axis_name="d")
+    mesh = jax.make_mesh((D,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+    m = np.ones((D * B, 1, 1), bool) if mask is None else mask
+
+    @nnx.shard_map(mesh=mesh, in_specs=(P(), P("d"), P("d")), out_specs=P("d"))
+    def forward(model, x, m):
+        return model(x, mask=m)
+
+    @nnx.jit
+    def step(model, x, m):
+        def loss(model, x):
+            y = forward(model, x, m)
+            return jnp.sum(y * g), y
+
+        return nnx.grad(loss, argnums=(0, 1), has_aux=True)(model, x)
+
+    (grads, dx), y = step(model, jnp.asarray(x, jnp.float32), jnp.asarray(m))
+    _nnx_check(model, y, dx, grads, _reference(kind, x, params, stats, g, mask), mask)
+
+
+@pytest.mark.skipif(not hasattr(nnx, "pmap"), reason="this flax has no nnx.pmap")
+@pytest.mark.parametrize("kind", ["bn", "brn"])
+def test_nnx_pmap(kind):
+    x, params, stats, g, _ = _problem(12)
+    model = _nnx_model(kind, params, stats, axis_name="d")
+    xs = jnp.asarray(x, jnp.float32).reshape(D, B, *SHAPE[1:])
+
+    @nnx.pmap(in_axes=(None, 0), axis_name="d")
+    def forward(model, x):
+        return model(x)
+
+    y = forward(model, xs)  # one training call: the statistics of the global batch
+    ref = _reference(kind, x, params, stats, g, None)
+    np.testing.assert_allclose(np.asarray(y).reshape(SHAPE), ref.y, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(model.mean[...], ref.new_mean, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(model.var[...], ref.new_var, rtol=2e-5)
+
+
+@pytest.mark.parametrize("features_sharded", [False, True], ids=["batch", "batch+features"])
+@pytest.mark.parametrize("kind", ["bn", "brn", "irn"])
+def test_nnx_jit_with_parameters_sharded_by_metadata(kind, features_sharded):
+    """A (data, model) mesh: the batch over data, scale/bias (and rho) over model."""
+    rng = np.random.default_rng(13)
+    shape = (16, 5, 6)
+    x = rng.normal(size=shape) * 2 + 3 + rng.normal(size=(16, 1, 1))
+    g = rng.normal(size=shape)
+    params = {"scale": rng.uniform(0.5, 1.5, 6), "bias": rng.normal(size=6)}
+    params |= {"rho": rng.uniform(0, 1, 6)} if kind == "irn" else {}
+    stats = {"mean": rng.normal(size=6) + 3, "var": rng.uniform(0.5, 3.0, 6)}
+    mesh = jax.make_mesh((4, 2), ("data", "model"))
+    meta = {"out_sharding": ("model",)}
+    metadata = dict(scale_metadata=meta, bias_metadata=meta)
+    metadata |= {"rho_metadata": meta} if kind == "irn" else {}
+    with jax.set_mesh(mesh):
+        model = _nnx_model(kind, {}, {"mean": np.zeros(6)}, **metadata)
+    for name, value in {**params, **stats}.items():  # values, keeping each variable's sharding
+        var = getattr(model, name)
+        var[...] = jax.device_put(jnp.asarray(value, jnp.float32), var[...].sharding)
+    assert model.scale[...].sharding.spec == P("model")
+    spec = P("data", None, "model") if features_sharded else P("data")
+    xs, gs = (
+        jax.device_put(jnp.asarray(a, jnp.float32), NamedSharding(mesh, spec)) for a in (x, g)
+    )
+
+    @nnx.jit
+    def step(model, x, g):
+        def loss(model, x):
+            y = model(x)
+            return jnp.sum(y * g), y
+
+        return nnx.grad(loss, argnums=(0, 1), has_aux=True)(model, x)
+
+    with jax.set_mesh(mesh):
+        (grads, dx), y = step(model, xs, gs)
+    assert grads["scale"][...].sharding.spec == P("model")
+    kw = NNX_KINDS[kind][1]
+    if kind == "irn":
+        ref = reference.instance_renorm(x, *params.values(), *stats.values(), g, **kw)
+    else:
+        ref = reference.normalize(x, *params.values(), *stats.values(), g, **kw)
+    np.testing.assert_allclose(np.asarray(y), ref.y, rtol=2e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(dx), ref.dx, rtol=1e-4, atol=1e-4)
+    for name in params:
+        want = getattr(ref, f"d{name}")
+        np.testing.assert_allclose(grads[name][...], want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(model.mean[...], ref.new_mean, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(model.var[...], ref.new_var, rtol=2e-5)
