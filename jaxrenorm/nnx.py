@@ -473,6 +473,10 @@ def recalibrate(
     layer normalizes with its batch's statistics, so each sees its input as
     training produced it; use large batches. Use it after training with small or
     non-i.i.d. batches, after weight averaging, or on a new domain.
+    BatchRenorm trains against its running statistics (with its bounds relaxed,
+    its training output is the inference output), so recalibrating a
+    BatchRenorm model changes what it computes: do it only when those statistics
+    no longer describe its inputs (averaged weights, a new domain).
 
     Args:
       model: an NNX module with jaxrenorm NNX normalization layers (convert a

@@ -256,6 +256,10 @@ def recalibrate(
     averaging (SWA or an EMA of the weights: averaged weights have no running
     statistics of their own), or on a new domain (test-time adaptation:
     recompute the statistics on the test distribution).
+    BatchRenorm trains against its running statistics (with its bounds relaxed,
+    its training output is the inference output), so recalibrating a
+    BatchRenorm model changes what it computes: do it only when those statistics
+    no longer describe its inputs (averaged weights, a new domain).
 
     Args:
       model: a Flax linen module whose normalization layers are jaxrenorm's.
