@@ -12,7 +12,8 @@ the machine. The order within a round is shuffled (fixed seed) so that no
 implementation always runs after the same kernel.
 
 Run: `python benchmarks/bench.py` (a few minutes on 2 CPU cores) or `--quick`
-(small shapes, few rounds: only proves it runs). Prints a Markdown table.
+(small shapes, few rounds: only proves it runs); `--masked` trains every layer
+with a left-padding mask. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ MODULES: dict[str, Callable[[], nn.Module]] = {
 PASSES = ("train fwd", "fwd+bwd", "infer fwd")
 
 
-def build(module: nn.Module, x: jax.Array, g: jax.Array):
+def build(module: nn.Module, x: jax.Array, g: jax.Array, mask: jax.Array | None = None):
     """Jitted (train forward, forward+backward, inference forward) and fwd+bwd temp bytes."""
     variables = module.init(jax.random.key(0), x, use_running_average=False)
     params, stats = variables["params"], variables["batch_stats"]
@@ -50,6 +51,7 @@ def build(module: nn.Module, x: jax.Array, g: jax.Array):
             {"params": params, "batch_stats": stats},
             x,
             use_running_average=False,
+            mask=mask,
             mutable=["batch_stats"],
         )
 
@@ -89,18 +91,32 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> di
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
-def run(shapes: dict[str, tuple[int, ...]], dtypes, rounds: int) -> str:
+def left_padding(shape: tuple[int, ...]) -> jax.Array:
+    """A mask of shape (*shape[:-1], 1): the first quarter of each example's positions out.
+
+    For a dense (N, C) input, the first quarter of the examples: what left-padded
+    sequences give, and the case where the first element of a group is masked.
+    """
+    positions = shape[1:-1]
+    if not positions:
+        return (jnp.arange(shape[0]) >= shape[0] // 4).reshape(shape[0], 1)
+    index = jnp.arange(int(np.prod(positions))).reshape(1, *positions, 1)
+    return jnp.broadcast_to(index >= index.size // 4, (*shape[:-1], 1))
+
+
+def run(shapes: dict[str, tuple[int, ...]], dtypes, rounds: int, masked: bool = False) -> str:
     rows = []
     for shape_name, shape in shapes.items():
         for dtype in dtypes:
             kx, kg = jax.random.split(jax.random.key(1))
             x = (jax.random.normal(kx, shape) * 2 + 1).astype(dtype)
             g = jax.random.normal(kg, shape).astype(dtype)
+            mask = left_padding(shape) if masked else None
             copy = jax.jit(lambda x: x * jnp.asarray(1.0001, x.dtype))
             fns: dict[str, Callable[[], object]] = {"copy": lambda copy=copy, x=x: copy(x)}
             temps = {}
             for name, make in MODULES.items():
-                passes, temps[name] = build(make(), x, g)
+                passes, temps[name] = build(make(), x, g, mask)
                 for p, f in passes.items():
                     fns[f"{name}|{p}"] = f
             med = interleaved_medians(fns, rounds)
@@ -129,18 +145,24 @@ def run(shapes: dict[str, tuple[int, ...]], dtypes, rounds: int) -> str:
     return "\n".join(header + rows)
 
 
-def command_line(doc: str, shapes: dict, quick_shapes: dict) -> tuple[dict, int]:
-    """The options of the benchmark scripts: (shapes, rounds) from `--quick` and `--rounds`."""
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+def command_line(
+    doc: str, shapes: dict, quick_shapes: dict, parser: argparse.ArgumentParser | None = None
+) -> tuple[dict, int, argparse.Namespace]:
+    """The options of the benchmark scripts: (shapes, rounds, all options)."""
+    parser = parser or argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, 3 rounds")
     parser.add_argument("--rounds", type=int, default=31)
     args = parser.parse_args()
-    return (quick_shapes, 3) if args.quick else (shapes, args.rounds)
+    return (quick_shapes, 3, args) if args.quick else (shapes, args.rounds, args)
 
 
 def main() -> None:
-    shapes, rounds = command_line(__doc__, SHAPES, QUICK_SHAPES)
-    table = run(shapes, (jnp.float32, jnp.bfloat16), rounds)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--masked", action="store_true", help="train with a left-padding mask (`left_padding`)"
+    )
+    shapes, rounds, args = command_line(__doc__, SHAPES, QUICK_SHAPES, parser)
+    table = run(shapes, (jnp.float32, jnp.bfloat16), rounds, masked=args.masked)
     print(
         f"Ratios to flax.linen.BatchNorm (median time, then the median in ms and the "
         f"effective bandwidth as a fraction of an elementwise copy); {rounds} interleaved "

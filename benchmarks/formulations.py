@@ -172,7 +172,7 @@ def backward_table(shapes, rounds: int) -> str:
 
 
 def main() -> None:
-    shapes, rounds = command_line(__doc__, SHAPES, QUICK_SHAPES)
+    shapes, rounds, _ = command_line(__doc__, SHAPES, QUICK_SHAPES)
     print(
         f"Float32, {rounds} interleaved rounds, median times relative to "
         f"flax.linen.BatchNorm; {platform.machine()}, {jax.devices()[0].device_kind}, "

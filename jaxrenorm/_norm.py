@@ -67,6 +67,7 @@ from jaxrenorm._stats import (
     Moments,
     compute_moments,
     explicit_sharding,
+    first_valid,
     merge_moments,
     sharded_like,
     stats_dtype,
@@ -187,8 +188,11 @@ def batch_norm(
       axis_index_groups: device groups along `axis_name` normalized separately.
       mask: boolean, broadcastable to `x`: statistics use True positions only.
         False positions may hold NaN or Inf: they reach neither the statistics
-        nor any gradient; where such a position is not finite its output is
-        `b` (the normalized value of the mean) instead of NaN.
+        nor any gradient, and their outputs are finite. Left padding (masked
+        first positions) is as accurate as right padding: the one-pass variance
+        shifts by each group's first valid element. A feature with no valid
+        element keeps its running statistics and normalizes with the running
+        mean.
       use_fast_variance: one-pass shifted variance (accurate, the default), or
         the exact two-pass one (a second collective with `axis_name`).
       dtype: output dtype (default: the input's). Statistics are always computed
@@ -483,7 +487,8 @@ def _plan(layout: Layout, options: Options, dtype: jnp.dtype) -> Plan:
     return Plan(
         reduction_axes=layout.reduction_axes,
         example_axes=(0,) if options.instance else (),
-        axis_name=options.axis_name,
+        # Virtual groups are local to each device, even a group that is the whole batch.
+        axis_name=None if options.virtual_batch_size is not None else options.axis_name,
         axis_index_groups=options.axis_index_groups,
         use_fast_variance=options.use_fast_variance,
         grad_through_batch_moments=options.grad_through_batch_moments or options.r_max is None,
@@ -557,15 +562,13 @@ def _train(
     """
     if group is not None:
         # (N, ...) -> (N / v, v, ...): axis 0 indexes groups, which keep their own
-        # statistics (local to each device: no collective), every other axis shifts
-        # by one.
+        # statistics, and every other axis shifts by one.
         mask = None if mask is None else _group_mask(mask, x.shape, group)
         x = _split_groups(x, group)
         per_feature = PerFeature(*(None if v is None else v[None] for v in per_feature))
         plan = plan._replace(
             reduction_axes=(1, *(a + 1 for a in plan.reduction_axes if a != 0)),
             example_axes=(1,) if plan.example_axes else (),
-            axis_name=None,
         )
     # Rematerialize the full-size intermediates in the backward pass from x instead
     # of keeping them: the layer is memory-bound, so recomputing an elementwise
@@ -606,26 +609,40 @@ def _train_forward(
 def _batch_moments(
     plan: Plan, x: jax.Array, running_mean: jax.Array, mask: jax.Array | None
 ) -> tuple[Moments, Moments | None]:
-    """The batch's moments, and the per-example ones they merge for the instance branch."""
-    # Across devices the shift must be the same everywhere: the running mean is.
-    shift = lax.stop_gradient(running_mean) if plan.axis_name is not None else None
+    """The batch's moments, and the per-example ones they merge for the instance branch.
+
+    The shift of the one-pass variance is a sample of each group: its first valid
+    element (the running mean where a group has none); across devices it must be
+    the same everywhere, so it is the running mean.
+    """
+    running_mean = lax.stop_gradient(running_mean)
     collective = dict(
         axis_name=plan.axis_name,
         axis_index_groups=plan.axis_index_groups,
         use_fast_variance=plan.use_fast_variance,
-        shift=shift,
     )
-    parts = None
+
+    def first_valid_of(v, axes, valid):  # None: the first element, valid without a mask
+        return None if valid is None else first_valid(v, axes, valid, running_mean)
+
+    common = running_mean if plan.axis_name is not None else None
     if not plan.example_axes:
-        moments = compute_moments(x, plan.reduction_axes, mask=mask, **collective)
-    else:
-        # One pass over the data: per-example moments (each with its own shift, so
-        # an example's small spread survives its offset), merged into the batch's.
-        parts = compute_moments(
-            x, plan.spatial_axes, mask=mask, use_fast_variance=plan.use_fast_variance
-        )
-        parts = Moments(*(_keep(v) for v in parts))
-        moments = merge_moments(parts, plan.example_axes, **collective)
+        shift = first_valid_of(x, plan.reduction_axes, mask) if common is None else common
+        moments = compute_moments(x, plan.reduction_axes, mask=mask, shift=shift, **collective)
+        return Moments(*(_keep(v) for v in moments)), None
+    # One pass over the data: per-example moments (each with its own shift, so an
+    # example's small spread survives its offset), merged into the batch's.
+    parts = compute_moments(
+        x,
+        plan.spatial_axes,
+        mask=mask,
+        use_fast_variance=plan.use_fast_variance,
+        shift=first_valid_of(x, plan.spatial_axes, mask),
+    )
+    parts = Moments(*(_keep(v) for v in parts))
+    if common is None and mask is not None:  # an example may have no valid element
+        common = first_valid(parts.shift, plan.example_axes, parts.count > 0, running_mean)
+    moments = merge_moments(parts, plan.example_axes, shift=common, **collective)
     return Moments(*(_keep(v) for v in moments)), parts
 
 

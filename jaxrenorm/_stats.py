@@ -9,9 +9,9 @@ algorithm (Chan, Golub & LeVeque 1983): with a per-feature reference point k,
 
 Cancellation in `m2 - |m1|^2` loses a factor of about 1 + (m1 / std)^2, so any k
 within a few standard deviations of the mean is as good as the exact two-pass
-algorithm. On one device k is the first element of the batch (a sample of the
-distribution itself); across devices it must be the same on every device, so the
-caller passes the running mean (see `_norm`). The textbook E[x^2] - E[x]^2 (k = 0,
+algorithm. On one device k is the first valid element of the batch (a sample of
+the distribution itself); across devices it must be the same on every device, so
+the layers pass the running mean (see `_norm`). The textbook E[x^2] - E[x]^2 (k = 0,
 Flax's default) loses a factor (mean / std)^2, every digit on offset data.
 
 Speed. XLA:CPU lowers each reduction to its own kernel and shares a common
@@ -108,13 +108,61 @@ def _first(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     return x
 
 
-def _first_element(x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None) -> jax.Array:
-    """x at index 0 of every reduced axis, or 0 where that element is masked or not finite."""
-    k = _first(x, axes)
-    ok = jnp.isfinite(k)
-    if mask is not None:
-        ok &= _first(jnp.broadcast_to(mask, x.shape), axes)
-    return jnp.where(ok, k, jnp.zeros_like(k))
+def first_valid(
+    x: jax.Array, axes: tuple[int, ...], mask: jax.Array | None, fallback: Any = 0.0
+) -> jax.Array:
+    """x at the first valid position along `axes` (row-major), per index of the other axes.
+
+    The reference point of the one-pass variance: a sample of the data itself. Where
+    there is no valid position, or the value there is not finite, `fallback`. The
+    first valid position is a min over the mask's own extent (only the axes along
+    which it varies, so a per-example mask reduces over the batch alone), and the
+    sample is one small gather: nothing full-size is written. Without a mask it is
+    the first element.
+    """
+    if mask is None:
+        k = _first(x, axes)
+        ok = jnp.isfinite(k)
+    else:
+        mask = mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
+        varying = tuple(a for a in axes if mask.shape[a] > 1)
+        if varying:
+            index, found = _first_true(mask, varying)
+            k = _gather(x, axes, index)
+            ok = jnp.isfinite(k) & found
+        else:  # the mask is constant along `axes`: the first element is valid or none is
+            k = _first(x, axes)
+            ok = jnp.isfinite(k) & _first(mask, axes)
+    return jnp.where(ok, k, jnp.asarray(fallback, k.dtype))
+
+
+def _first_true(mask: jax.Array, axes: tuple[int, ...]) -> tuple[dict[int, jax.Array], jax.Array]:
+    """({axis: index of the first True along `axes`, row-major}, whether there is one)."""
+    sizes = [mask.shape[a] for a in axes]
+    strides = [int(np.prod(sizes[i + 1 :], dtype=np.int64)) for i in range(len(axes))]
+    position = zip(axes, strides, strict=True)
+    flat = sum(lax.broadcasted_iota(jnp.int32, mask.shape, a) * st for a, st in position)
+    none = int(np.prod(sizes, dtype=np.int64))
+    first = jnp.min(jnp.where(mask, flat, none), axis=axes, keepdims=True)
+    found = first < none
+    first = jnp.where(found, first, 0)
+    return {a: (first // st) % n for a, st, n in zip(axes, strides, sizes, strict=True)}, found
+
+
+def _gather(x: jax.Array, axes: tuple[int, ...], index: dict[int, jax.Array]) -> jax.Array:
+    """x at `index[a]` along each axis a of `index`, 0 along the other `axes` (kept, size 1)."""
+    shape = _reduced(x.shape, axes)
+    zero = jnp.zeros((1,) * x.ndim, jnp.int32)
+    where = tuple(
+        index.get(a, zero) if a in axes else lax.broadcasted_iota(jnp.int32, shape, a)
+        for a in range(x.ndim)
+    )
+    mesh, spec = explicit_sharding(x)
+    if mesh is None:
+        return x[where]
+    # An explicitly sharded axis: the gathered values are replicated along it.
+    spec = tuple(None if a in axes else part for a, part in enumerate(spec))
+    return x.at[where].get(out_sharding=NamedSharding(mesh, P(*spec)))
 
 
 def _valid_count(
@@ -176,7 +224,7 @@ def compute_moments(
     x = x.astype(dtype)
     if shift is None:
         # Across devices the shift must be common; with none given, fall back to 0.
-        shift = _first_element(x, axes, mask) if axis_name is None else jnp.zeros((), dtype)
+        shift = first_valid(x, axes, mask) if axis_name is None else jnp.zeros((), dtype)
     k = lax.stop_gradient(jnp.broadcast_to(jnp.asarray(shift, dtype), _reduced(x.shape, axes)))
     # One copy of k per reduction; see the module docstring for why.
     k1, k2 = lax.optimization_barrier((k, k))

@@ -112,6 +112,9 @@ def normalize(
         )
 
     mu_b, var_b, count = moments(x, ra, mask)
+    # A group without a valid element has no statistics of its own; it takes the
+    # running mean (and variance 0), so r = sqrt(eps) / s and d = 0 there.
+    mu_b = np.where(count > 0, mu_b, mu_run)
     s_b = np.sqrt(var_b + eps)
     xhat = (x - mu_b) / s_b
     if r_max is None:

@@ -20,6 +20,8 @@ from jax.sharding import PartitionSpec as P
 
 import jaxrenorm
 from tests import reference
+from tests.harness import Run
+from tests.test_norm import PADDED_KINDS, assert_padded_matches, padded, padded_reference
 
 D = 8  # devices (tests/conftest.py)
 B = 4  # examples per device
@@ -595,3 +597,67 @@ def test_nnx_jit_with_parameters_sharded_by_metadata(kind, features_sharded):
         np.testing.assert_allclose(grads[name][...], want, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(model.mean[...], ref.new_mean, rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(model.var[...], ref.new_var, rtol=2e-5)
+
+
+# --- padded sequences across devices ------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["exact", "virtual"])
+@pytest.mark.parametrize("padding", ["left", "right"])
+@pytest.mark.parametrize("kind", ["bn", "brn", "irn"])
+def test_padded_sequences_under_shard_map(kind, padding, mode):
+    """Offset data from the first call: exact mode across devices, or virtual groups.
+
+    With `axis_name` the shift of the one-pass variance must be common to every
+    device, and is the running mean (0 at the first call), so offset data needs
+    the exact mode there; virtual groups are local and shift by their first valid
+    element.
+    """
+    x, mask, params, stats, g = padded(padding, n=16)
+    params = params | ({"rho": np.array([0.2, 0.5, 0.9])} if kind == "irn" else {})
+    fn, extra = PADDED_KINDS[kind]
+    kw = dict(use_fast_variance=False) if mode == "exact" else dict(virtual_batch_size=2)
+    mesh = jax.make_mesh((D,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def per_device(x, m, params):
+        y, new = fn(
+            x,
+            params,
+            _f32(stats),
+            use_running_average=False,
+            axis_name="d",
+            mask=m,
+            momentum=0.0,
+            **extra,
+            **kw,
+        )
+        return y, jax.tree.map(lambda s: s[None], new)  # per device: one row each
+
+    sharded = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P("d"), P("d"), P()), out_specs=(P("d"), P("d"))
+    )
+
+    @jax.jit
+    def run(x, params):
+        def loss(x, params):
+            y, new = sharded(x, jnp.asarray(mask), params)
+            return jnp.sum(y * g), (y, new)
+
+        (_, (y, new)), (dx, dparams) = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, params)
+        return Run(y, new, dx, dparams)
+
+    got = run(jnp.asarray(x, jnp.float32), _f32(params))
+    if mode == "exact":  # the statistics of the whole batch, the same on every device
+        ref = padded_reference(kind, x, mask, params, stats, g, momentum=0.0)
+        assert_padded_matches(got, ref, mask, stats=0)
+        return
+    # Virtual groups of 2 are each device's 2 rows: per-device statistics and outputs.
+    ref = padded_reference(kind, x, mask, params, stats, g, momentum=0.0, virtual_batch_size=2)
+    for d in (0, 5):
+        rows = slice(2 * d, 2 * d + 2)
+        ref_d = padded_reference(kind, x[rows], mask[rows], params, stats, g[rows], momentum=0.0)
+        np.testing.assert_allclose(got.new["var"][d], ref_d.new_var, rtol=1e-3)
+    got = got._replace(new={k: v[0] for k, v in got.new.items()})
+    ref0 = padded_reference(kind, x[:2], mask[:2], params, stats, g[:2], momentum=0.0)
+    ref.new_mean, ref.new_var = ref0.new_mean, ref0.new_var  # device 0's
+    assert_padded_matches(got, ref, mask)

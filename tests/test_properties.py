@@ -347,12 +347,20 @@ def _per_feature_sum(case: Case, a: np.ndarray) -> np.ndarray:
 def _shift(case: Case, x: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """The reference point k of the one-pass variance, per group of the `_grouped` view.
 
-    `jaxrenorm._stats` shifts by the group's first element, or by 0 where that
-    element is masked (which loses the accuracy on offset data: see
-    `test_masked_first_element_keeps_the_variance_accurate`).
+    `jaxrenorm._stats` shifts by the group's first valid element in row-major order
+    (by the running mean where a group has none; 0 here, since such a group has no
+    statistics to be accurate about).
     """
-    first = tuple(slice(0, 1) if i in _group_axes(case) else slice(None) for i in range(x.ndim))
-    return np.where(valid[first], x[first], 0.0)
+    axes = tuple(sorted(_group_axes(case)))
+    last = tuple(range(x.ndim - len(axes), x.ndim))
+
+    def flat(a):  # the group axes last, as one
+        moved = np.moveaxis(a, axes, last)
+        return moved.reshape(*moved.shape[: x.ndim - len(axes)], -1)
+
+    xs, vs = flat(x), flat(np.broadcast_to(valid, x.shape))
+    k = np.take_along_axis(xs, np.argmax(vs, axis=-1)[..., None], axis=-1)[..., 0]
+    return np.expand_dims(np.where(vs.any(-1), k, 0.0), axes)
 
 
 def _scales(case: Case, r: dict, ref: reference.Result) -> dict[str, np.ndarray]:
@@ -610,18 +618,12 @@ def test_half_precision_dx_is_rounded_once(dtype):
     np.testing.assert_allclose(np.asarray(dx, np.float64), ref.dx, rtol=u, atol=1e-7)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="where the first element of the batch is masked, the one-pass variance shifts by 0 "
-    "instead of a sample of the data: E[x^2] - E[x]^2, which loses every digit on offset data",
-)
 def test_masked_first_element_keeps_the_variance_accurate():
     """Minimal case: the valid values 1e4 and 1e4 + 1 have variance 0.25, y = -+1.
 
-    The library returns var_B = 0 and y = [-158.25, 158] for them (float32), while
-    the same two values without the masked row come out right. With offset data
-    (1e4 + N(0, 1), 256 x 8, the first row masked) var_B is off by 1,550%: the
-    textbook formula the library's shifted one is there to avoid.
+    Shifting by 0 where the first element is masked (E[x^2] - E[x]^2) returned
+    var_B = 0 and y = [-158.25, 158] for them in float32; the shift is now the
+    first valid element.
     """
     x = jnp.asarray([[0.0], [1e4], [1e4 + 1]], jnp.float32)
     mask = jnp.asarray([[False], [True], [True]])
