@@ -103,13 +103,29 @@ def check_instance_layout(layout: Layout) -> None:
 def check_mask(mask: Any, x_shape: tuple[int, ...]) -> jax.Array:
     """Returns `mask` as a boolean array broadcastable to the input's shape."""
     mask = jnp.asarray(mask)
-    if mask.ndim > len(x_shape) or any(
-        m not in (1, s) for m, s in zip(mask.shape[::-1], x_shape[::-1], strict=False)
-    ):
+    if not _broadcasts(mask.shape, x_shape):
         raise ValueError(
             f"`mask` of shape {mask.shape} does not broadcast to the input's shape {x_shape}."
         )
     return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
+def _broadcasts(shape: tuple[int, ...], target: tuple[int, ...]) -> bool:
+    """Whether an array of `shape` broadcasts to `target` (NumPy's rules, one way)."""
+    return len(shape) <= len(target) and all(
+        s in (1, t) for s, t in zip(shape[::-1], target[::-1], strict=False)
+    )
+
+
+def check_shift(shift: Any, result_shape: tuple[int, ...]) -> jax.Array:
+    """`moments`' shift broadcasts to the shape of its results; returned at that shape."""
+    shift = jnp.asarray(shift)
+    if not _broadcasts(shift.shape, result_shape):
+        raise ValueError(
+            f"`shift` of shape {shift.shape} does not broadcast to the shape of the "
+            f"results, {result_shape} (the input's shape without `axes`)."
+        )
+    return jnp.broadcast_to(shift, result_shape)
 
 
 # --- per-feature arrays -------------------------------------------------------

@@ -262,6 +262,7 @@ TRIGGERS = {
         lambda: jaxrenorm.nnx.BatchNorm(4, use_running_average=None, rngs=nnx.Rngs(0))(X)
     ],
     "mask-shape": [_bn(mask=jnp.ones(8, bool))],
+    "shift-shape": [lambda: jaxrenorm.moments(X, 0, shift=jnp.ones(8))],
     "momentum-out-of-range": [
         _bn(momentum=99),
         lambda: interop.momentum_from_torch(10),

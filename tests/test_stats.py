@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import jaxrenorm
 from tests import reference
@@ -90,3 +91,54 @@ def test_fast_moments_use_one_all_reduce():
         f = jax.pmap(lambda x, kw=kw: jaxrenorm.moments(x, 0, axis_name="d", **kw), axis_name="d")
         hlo = f.lower(x).as_text()
         assert hlo.count("all_reduce") + hlo.count("all-reduce") == 1, hlo
+
+
+# --- the shift of the one-pass variance ----------------------------------------------
+
+
+def test_left_padded_moments_shift_by_the_first_valid_element():
+    """One device, offset data whose first rows are masked: as accurate as unmasked."""
+    x = np.float32(1e4 + np.random.default_rng(4).normal(size=(64, 3))).astype(np.float64)
+    mask = np.arange(64)[:, None] >= 16
+    ref_mean, ref_var, _ = reference.moments(x, (0,), mask)
+    mean, var = jaxrenorm.moments(jnp.asarray(x, jnp.float32), 0, mask=mask)
+    np.testing.assert_allclose(var, ref_var.ravel(), rtol=1e-4)
+    np.testing.assert_allclose(mean, ref_mean.ravel(), rtol=1e-7)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_moments_across_devices_on_offset_data_need_a_shift_or_the_exact_mode(masked):
+    """shard_map over 8 devices on 1e4 + N(0, 1): the default shift 0 is documented as
+    Flax's accuracy; a shift near the data, or the exact mode, is accurate."""
+    rng = np.random.default_rng(5)
+    x = np.float32(1e4 + rng.normal(size=(64, 3)) * rng.uniform(0.5, 2, 3)).astype(np.float64)
+    mask = rng.random((64, 1)) < 0.7 if masked else np.ones((64, 1), bool)
+    ref_mean, ref_var, _ = reference.moments(x, (0,), mask)
+    mesh = jax.make_mesh((8,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def across_devices(**kw):
+        f = jax.shard_map(
+            lambda x, m: jaxrenorm.moments(x, 0, axis_name="d", mask=m, **kw),
+            mesh=mesh,
+            in_specs=(P("d"), P("d")),
+            out_specs=P(),
+        )
+        return jax.jit(f)(jnp.asarray(x, jnp.float32), jnp.asarray(mask))
+
+    def rel(var):
+        return np.max(np.abs(np.asarray(var, np.float64) - ref_var.ravel()) / ref_var.ravel())
+
+    assert rel(across_devices()[1]) > 0.5  # E[x^2] - E[x]^2: what the default does here
+    for kw in (dict(shift=jnp.full(3, 1e4)), dict(shift=1e4 + 3.0), dict(use_fast_variance=False)):
+        mean, var = across_devices(**kw)
+        assert rel(var) <= 1e-4, kw
+        np.testing.assert_allclose(mean, ref_mean.ravel(), rtol=1e-7)
+
+
+def test_shift_is_the_mean_where_nothing_is_valid_and_must_broadcast():
+    x = jnp.ones((4, 3))
+    mean, var = jaxrenorm.moments(x, 0, mask=jnp.zeros((4, 1), bool), shift=jnp.arange(3.0))
+    np.testing.assert_array_equal(mean, [0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(var, 0.0)
+    with pytest.raises(ValueError, match=r"`shift` of shape \(4,\) does not broadcast.*\(3,\)"):
+        jaxrenorm.moments(x, 0, shift=jnp.ones(4))
