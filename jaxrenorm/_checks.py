@@ -269,6 +269,20 @@ def check_virtual_batch(v: Any, layout: Layout) -> None:
         )
 
 
+def check_more_than_one_value(values: int, shape: tuple[int, ...], where: str, caller: str) -> None:
+    """A training call's statistics groups must hold more than one value per feature."""
+    if values == 1:
+        raise ValueError(
+            f"{caller}: a training call on an input of shape {shape} gives every statistics "
+            f"group one value per feature ({where}). The batch statistics of one value are "
+            "the value itself, so the output would be `bias` whatever the input and the "
+            "running variance would decay to 0. Train with more than one value per feature "
+            "(a larger batch or `virtual_batch_size`), call with `use_running_average=True` "
+            "to evaluate, or use a normalization without batch statistics (GroupNorm, "
+            "LayerNorm)."
+        )
+
+
 def check_groups_over_shards(v: int, batch: int, shards: int, spec: Any) -> None:
     """Virtual groups of an explicitly sharded batch must spread evenly over the shards."""
     if (batch // v) % shards:

@@ -58,6 +58,7 @@ from jaxrenorm._checks import (
     check_instance_layout,
     check_layout,
     check_mask,
+    check_more_than_one_value,
     check_params,
     check_renorm,
     check_scalar,
@@ -82,7 +83,8 @@ class Options(NamedTuple):
 
     The defaults are the public functions'. `r_max` None is plain BatchNorm (no
     renormalization); `instance` mixes in instance normalization through the gate
-    `params["rho"]`.
+    `params["rho"]`; `initializing` marks a linen `init` call, whose batch may hold a
+    single example.
     """
 
     use_running_average: bool
@@ -100,6 +102,7 @@ class Options(NamedTuple):
     d_max: Any = None
     grad_through_batch_moments: bool = True
     instance: bool = False
+    initializing: bool = False  # a linen `init`: any batch, even of one, is fine
 
     @classmethod
     def of(cls, keywords: Mapping[str, Any], **extra: Any) -> Options:
@@ -167,7 +170,11 @@ def batch_norm(
     (NaN or Inf in a valid input) or it has no valid element, that feature's
     running statistics keep their previous values, the way `optax.apply_if_finite`
     skips a bad update: the output is still NaN, so the loss shows the problem,
-    but one bad batch cannot destroy the model's statistics.
+    but one bad batch cannot destroy the model's statistics. A training call
+    whose statistics groups would each hold one value per feature (one example
+    without spatial axes, on one device; `virtual_batch_size=1` on a dense input)
+    is a ValueError: the statistics of one value are the value itself, so every
+    output would be the bias and the running variance would decay to 0.
 
     Args:
       x: input, real or complex floating point; any rank >= 2 in practice.
@@ -477,9 +484,32 @@ def _validate(
     if options.r_max is not None:
         check_renorm(options.r_max, options.d_max, x.dtype, caller)
     # Inference ignores virtual batches, so an eval batch of any size is fine.
-    if options.virtual_batch_size is not None and not options.use_running_average:
-        check_virtual_batch(options.virtual_batch_size, layout)
+    if not options.use_running_average:
+        if options.virtual_batch_size is not None:
+            check_virtual_batch(options.virtual_batch_size, layout)
+        if not options.initializing:
+            check_more_than_one_value(*_values_per_group(layout, options), caller)
     return x, layout, options, PerFeature(mean, var, scale, bias, gate)
+
+
+def _values_per_group(layout: Layout, options: Options) -> tuple[int, tuple[int, ...], str]:
+    """(values per feature in one training statistics group, the shape, how they count).
+
+    Static: the shapes, the virtual group size and the number of devices that share
+    the statistics (a mask's count is data and is not checked).
+    """
+    values = int(np.prod([layout.shape[a] for a in layout.reduction_axes]))
+    v = options.virtual_batch_size
+    if v is not None:  # local groups of v examples
+        values = values // layout.shape[0] * v
+        return values, layout.shape, f"virtual groups of {v} example, no other axis reduced"
+    if values == 1 and options.axis_name is not None:
+        names = options.axis_name if isinstance(options.axis_name, tuple) else (options.axis_name,)
+        groups = options.axis_index_groups
+        devices = len(groups[0]) if groups else int(np.prod([lax.axis_size(n) for n in names]))
+        where = f"one example on the {devices} device along {options.axis_name!r}"
+        return values * devices, layout.shape, where
+    return values, layout.shape, "a batch of one example, no other axis reduced"
 
 
 def _plan(layout: Layout, options: Options, dtype: jnp.dtype) -> Plan:

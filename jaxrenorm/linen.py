@@ -77,8 +77,10 @@ class _Normalization(nn.Module):
             {"mean": mean.value, "var": var.value},
             use_running_average=use_running_average,
             mask=mask,
-            # As in Flax, the named axis need not exist while initializing.
+            # As in Flax, the named axis need not exist while initializing, and a
+            # batch of one example is fine then.
             axis_name=None if self.is_initializing() else self.axis_name,
+            initializing=self.is_initializing(),
         )
         if not (use_running_average or self.is_initializing()):
             mean.value, var.value = new_stats["mean"], new_stats["var"]

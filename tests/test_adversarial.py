@@ -152,17 +152,19 @@ def test_renorm_with_identity_bounds_equals_batch_norm():
     chex.assert_trees_all_close(bn, brn, rtol=1e-6, atol=1e-6)
 
 
-def test_single_element_per_feature_is_finite():
-    x = jnp.asarray([[1.0, -2.0, 3.0]])
+def test_one_valid_element_per_feature_is_finite():
+    """A mask can leave one valid element (data: not refusable at trace time)."""
+    x = jnp.asarray([[1.0, -2.0, 3.0], [7.0, 8.0, 9.0]])
+    mask = jnp.asarray([[True], [False]])
     stats = jaxrenorm.init_batch_stats(3)
     params = {"scale": jnp.ones(3), "bias": jnp.zeros(3)}
     for fn in (jaxrenorm.batch_norm, functools.partial(jaxrenorm.batch_renorm, r_max=3.0)):
 
         def loss(x, params, fn=fn):
-            y, _ = fn(x, params, stats, use_running_average=False)
+            y, _ = fn(x, params, stats, use_running_average=False, mask=mask)
             return jnp.sum(y * jnp.arange(1.0, 4.0))
 
-        y, new = fn(x, params, stats, use_running_average=False)
+        y, new = fn(x, params, stats, use_running_average=False, mask=mask)
         grads = jax.grad(loss, argnums=(0, 1))(x, params)
         for leaf in [y, *jax.tree.leaves(new), *jax.tree.leaves(grads)]:
             assert np.all(np.isfinite(leaf))

@@ -295,6 +295,11 @@ TRIGGERS = {
         _bn(axis=0, stats=jaxrenorm.init_batch_stats(8), virtual_batch_size=2)
     ],
     "virtual-batch-size-indivisible": [_bn(virtual_batch_size=3)],
+    "one-value-per-feature": [
+        _bn(x=jnp.ones((1, 4))),
+        _bn(virtual_batch_size=1),
+        lambda: jaxrenorm.nnx.BatchNorm(4, rngs=nnx.Rngs(0))(jnp.ones((1, 4))),
+    ],
     "virtual-batch-shards": [_virtual_groups_over_shards],
     "feature-shape-invalid": [lambda: jaxrenorm.init_batch_stats((3, None))],
     "torch-momentum-none": [lambda: interop.momentum_from_torch(None)],

@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from flax import nnx
 
 import jaxrenorm
+from jaxrenorm import init_batch_stats as init_stats
 from tests import reference
 from tests.harness import assert_matches, data, run, run_affine
 
@@ -514,10 +516,58 @@ def test_bessel_correction_matches_reference(kind, kw):
 
 def test_bessel_correction_with_one_valid_element_stays_finite():
     stats = jaxrenorm.init_batch_stats(2)
+    mask = jnp.asarray([[True], [False]])  # n = 1: no n / (n - 1)
     _, new = jaxrenorm.batch_norm(
-        jnp.ones((1, 2)), {}, stats, use_running_average=False, bessel_correction=True
+        jnp.ones((2, 2)), {}, stats, use_running_average=False, bessel_correction=True, mask=mask
     )
     np.testing.assert_allclose(new["var"], 0.99)
+
+
+# --- one value per feature --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "kw"),
+    [((1, 3), {}), ((1, 1, 1, 3), {}), ((8, 3), {"virtual_batch_size": 1})],
+    ids=["dense", "1x1-conv", "virtual"],
+)
+@pytest.mark.parametrize("fn", [jaxrenorm.batch_norm, jaxrenorm.batch_renorm])
+def test_one_value_per_feature_is_refused_in_training_only(fn, shape, kw):
+    """Its statistics would be the value itself: y = bias, and the variance decays to 0."""
+    x, stats = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape), init_stats(3)
+    with pytest.raises(ValueError, match=rf"{fn.__name__}: .*shape \({shape[0]}, .*one value"):
+        jax.jit(lambda x: fn(x, {}, stats, use_running_average=False, **kw))(x)
+    fn(x, {}, stats, use_running_average=True, **kw)  # inference: any batch
+
+
+def test_one_value_per_feature_counts_devices_and_spatial_axes():
+    stats = init_stats(3)
+    x = jnp.arange(24.0).reshape(8, 1, 3)  # one example on each of 8 devices: 8 values
+    y, new = jax.vmap(
+        lambda x: jaxrenorm.batch_norm(x, {}, stats, use_running_average=False, axis_name="d"),
+        axis_name="d",
+    )(x)
+    np.testing.assert_allclose(new["mean"][0], 0.01 * x.reshape(8, 3).mean(0), rtol=1e-6)
+    np.testing.assert_allclose(y.reshape(8, 3).mean(0), 0.0, atol=1e-5)  # global statistics
+    images = jnp.arange(48.0).reshape(4, 2, 2, 3)  # groups of 1 image, 4 positions each
+    jaxrenorm.batch_norm(images, {}, stats, use_running_average=False, virtual_batch_size=1)
+    with pytest.raises(ValueError, match="one example on the 1 device along 'd'"):
+        jax.vmap(
+            lambda x: jaxrenorm.batch_norm(x, {}, stats, use_running_average=False, axis_name="d"),
+            axis_name="d",
+        )(jnp.ones((1, 1, 3)))
+
+
+def test_modules_refuse_one_value_per_feature_but_linen_initializes_with_one():
+    x = jnp.ones((1, 3))
+    bn = jaxrenorm.linen.BatchNorm(use_running_average=False)
+    variables = bn.init(jax.random.key(0), x)  # Flax models are built with a batch of one
+    with pytest.raises(ValueError, match="BatchNorm: a training call"):
+        bn.apply(variables, x, mutable=["batch_stats"])
+    layer = jaxrenorm.nnx.BatchRenorm(3, r_max=1.5, d_max=0.5, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="BatchRenorm: a training call"):
+        layer(x)
+    layer(x, use_running_average=True)
 
 
 # --- the same numbers compiled and op by op ---------------------------------------
