@@ -277,9 +277,9 @@ def check_more_than_one_value(values: int, shape: tuple[int, ...], where: str, c
             f"group one value per feature ({where}). The batch statistics of one value are "
             "the value itself, so the output would be `bias` whatever the input and the "
             "running variance would decay to 0. Train with more than one value per feature "
-            "(a larger batch or `virtual_batch_size`), call with `use_running_average=True` "
-            "to evaluate, or use a normalization without batch statistics (GroupNorm, "
-            "LayerNorm)."
+            "(a larger batch, or a larger `virtual_batch_size` if one is set), call with "
+            "`use_running_average=True` to evaluate, or use a normalization without batch "
+            "statistics (GroupNorm, LayerNorm)."
         )
 
 

@@ -64,6 +64,7 @@ from jaxrenorm._checks import (
     check_scalar,
     check_virtual_batch,
 )
+from jaxrenorm._docs import documents
 from jaxrenorm._stats import (
     Moments,
     compute_moments,
@@ -133,6 +134,7 @@ def init_batch_stats(
     return {"mean": jnp.zeros(shape, dtype), "var": jnp.ones(shape, dtype)}
 
 
+@documents("pure")
 def batch_norm(
     x: jax.Array,
     params: Params,
@@ -150,71 +152,28 @@ def batch_norm(
     virtual_batch_size: int | None = None,
     bessel_correction: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    r"""Batch Normalization (Ioffe & Szegedy 2015), per feature.
+    """Batch Normalization (Ioffe & Szegedy 2015), per feature.
 
-    Training (`use_running_average=False`), with the batch mean and biased
-    variance over every axis but `axis` (and over the devices of `axis_name`):
+    Training (`use_running_average=False`) normalizes with the mean mu_B and the
+    biased variance var_B of the batch over every axis but `axis` (and over the
+    devices of `axis_name`), then updates the running statistics:
 
-    ```math
-    y = \gamma \frac{x - \mu_B}{\sqrt{\sigma_B^2 + \epsilon}} + \beta, \qquad
-    \mu \leftarrow m\,\mu + (1 - m)\,\mu_B, \qquad
-    \sigma^2 \leftarrow m\,\sigma^2 + (1 - m)\,\sigma_B^2
-    ```
+        y = scale * (x - mu_B) / sqrt(var_B + epsilon) + bias
+        mean <- momentum * mean + (1 - momentum) * mu_B
+        var  <- momentum * var  + (1 - momentum) * var_B
 
-    Inference (`use_running_average=True`) uses the running statistics instead of
-    the batch's and returns `batch_stats` unchanged:
-    $`y = \gamma (x - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta`$.
+    Inference (`use_running_average=True`) uses the running `mean` and `var` in
+    place of mu_B and var_B and returns `batch_stats` unchanged.
 
-    The running update follows Flax (`m` = `momentum`, biased batch variance) and
-    never carries a gradient. If a feature's batch statistics are not finite
-    (NaN or Inf in a valid input) or it has no valid element, that feature's
-    running statistics keep their previous values, the way `optax.apply_if_finite`
-    skips a bad update: the output is still NaN, so the loss shows the problem,
-    but one bad batch cannot destroy the model's statistics. A training call
-    whose statistics groups would each hold one value per feature (one example
-    without spatial axes, on one device; `virtual_batch_size=1` on a dense input)
-    is a ValueError: the statistics of one value are the value itself, so every
-    output would be the bias and the running variance would decay to 0.
-
-    Args:
-      x: input, real or complex floating point; any rank >= 2 in practice.
-      params: mapping with optional `"scale"` (gamma) and `"bias"` (beta) of the
-        feature shape; a missing key or None means no scale or no bias.
-      batch_stats: `{"mean", "var"}` of the feature shape (`init_batch_stats`).
-      use_running_average: normalize with the running statistics (inference).
-      axis: the feature axis or axes; statistics are over all the others.
-      momentum: decay of the running statistics, in [0, 1].
-      epsilon: added to the variance, >= 0.
-      axis_name: named axis or tuple of them (pmap, shard_map, vmap) to compute
-        the statistics of the global batch, with one all-reduce (and one more in
-        the backward pass). Not needed under jit with a sharded batch. The
-        one-pass variance then shifts by the running mean, common to all
-        devices: relative error 9e-5 when the running mean is 30 batch standard
-        deviations from the batch mean, 2e-3 at 100 (float32); for data farther
-        from the running mean use `use_fast_variance=False`.
-      axis_index_groups: device groups along `axis_name` normalized separately.
-      mask: boolean, broadcastable to `x`: statistics use True positions only.
-        False positions may hold NaN or Inf: they reach neither the statistics
-        nor any gradient, and their outputs are finite. Left padding (masked
-        first positions) is as accurate as right padding: the one-pass variance
-        shifts by each group's first valid element. A feature with no valid
-        element keeps its running statistics and normalizes with the running
-        mean.
-      use_fast_variance: one-pass shifted variance (accurate, the default), or
-        the exact two-pass one (a second collective with `axis_name`).
-      dtype: output dtype (default: the input's). Statistics are always computed
-        in at least float32.
-      virtual_batch_size: if set, statistics are computed over consecutive
-        groups ("virtual" or "ghost" batches) of this many examples along axis
-        0, which must divide the batch and must not be a feature axis; the
-        running statistics move towards the mean over groups of the group means
-        and of the group variances. Groups are local to each device (no
-        collective). No effect with `use_running_average=True`.
-      bessel_correction: update the running variance with the unbiased batch
-        variance n / (n - 1) * var_B, n the valid count over all devices (per
-        group with virtual batches): PyTorch's convention and the inference
-        estimate of Ioffe & Szegedy 2015. The normalization itself always uses
-        the biased var_B. Default False (Flax's convention).
+    The running update follows Flax and never carries a gradient. If a feature's
+    batch statistics are not finite (NaN or Inf in a valid input), or it has no
+    valid element, that feature keeps its previous running statistics, the way
+    `optax.apply_if_finite` skips a bad update: the output is still NaN, so the
+    loss shows the problem, but one bad batch cannot destroy the model's
+    statistics. A training call whose statistics would each come from one value
+    per feature (one example without spatial axes on one device, or
+    `virtual_batch_size=1` on a dense input) is a ValueError: the statistics of
+    one value are the value itself, so every output would be the bias.
 
     Returns:
       `(y, new_batch_stats)`; `new_batch_stats` has the same keys as `batch_stats`.
@@ -232,6 +191,7 @@ def batch_norm(
     return _normalize(x, params, batch_stats, Options.of(locals()), "batch_norm")[:2]
 
 
+@documents("pure")
 def batch_renorm(
     x: jax.Array,
     params: Params,
@@ -252,47 +212,26 @@ def batch_renorm(
     d_max: float | jax.Array = 5.0,
     grad_through_batch_moments: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    r"""Batch Renormalization (Ioffe 2017, arXiv 1702.03275, Algorithm 1), per feature.
+    """Batch Renormalization (Ioffe 2017, arXiv 1702.03275, Algorithm 1), per feature.
 
     Training corrects the batch statistics towards the running ones with two
-    per-feature constants, so the output is what inference will compute, up to
-    clipping. With s_B = sqrt(var_B + eps) and s = sqrt(var + eps) from the
-    running statistics *before* this batch's update:
+    per-feature constants r and d, so that the output is what inference will
+    compute, up to clipping. With s_B = sqrt(var_B + epsilon) from the batch and
+    s = sqrt(var + epsilon) from the running statistics *before* this batch's
+    update:
 
-    ```math
-    r = \operatorname{sg}\Big(\operatorname{clip}\big(\tfrac{s_B}{s},
-          \tfrac{1}{r_{max}}, r_{max}\big)\Big), \qquad
-    d = \operatorname{sg}\Big(\operatorname{clip}\big(\tfrac{\mu_B - \mu}{s},
-          -d_{max}, d_{max}\big)\Big)
-    ```
+        r = stop_gradient(clip(s_B / s, 1 / r_max, r_max))
+        d = stop_gradient(clip((mu_B - mean) / s, -d_max, d_max))
+        y = scale * ((x - mu_B) / s_B * r + d) + bias
 
-    ```math
-    y = \gamma \Big(\frac{x - \mu_B}{s_B}\, r + d\Big) + \beta
-    ```
-
-    where sg is `stop_gradient`: the gradient flows through mu_B and s_B as in
-    BatchNorm, and r, d are constants for it. Unclipped, y equals the inference
-    output (x - mu) / s exactly. The running statistics are updated as in
-    `batch_norm` (this library tracks the variance, as Flax does, where the paper
-    tracks the standard deviation; s = sqrt(var + eps) differs from the paper's
-    running s only by the Jensen gap of the square root). Inference is identical
-    to `batch_norm`; with r_max = 1 and d_max = 0 training is too.
-
-    The arguments shared with `batch_norm` (`x` to `bessel_correction`) mean the
-    same here; with virtual batches r and d are computed per group.
-
-    Args:
-      r_max: bound on r, >= 1 (a Python float or a traced scalar, e.g. a schedule
-        evaluated under jit; see `jaxrenorm.schedules`).
-      d_max: bound on |d|, >= 0 (float or traced scalar).
-      grad_through_batch_moments: True (the paper) differentiates through mu_B
-        and sigma_B. False treats them as constants in the backward pass (the
-        forward pass is unchanged): the gradient is then that of the affine map
-        y = scale * r / s_B * x + ..., which no longer projects out the
-        directions that move a whole statistics group together. Use it when the
-        groups that provide the statistics are not representative (e.g. each
-        holds one class); keep a BatchNorm warm-up, since nothing then stops
-        the layer's input from drifting in scale or offset.
+    The gradient flows through mu_B and s_B as in BatchNorm; r and d are
+    constants for it. Unclipped, y equals the inference output
+    scale * (x - mean) / s + bias exactly. The running statistics are updated
+    as in `batch_norm` (this library tracks the variance, as Flax does, where the
+    paper tracks the standard deviation; s = sqrt(var + epsilon) differs from the
+    paper's running s only by the Jensen gap of the square root). Inference is
+    identical to `batch_norm`, and with `r_max=1`, `d_max=0` so is training. With
+    virtual batches r and d are computed per group.
 
     Returns:
       `(y, new_batch_stats)`, as `batch_norm`.
@@ -309,6 +248,17 @@ def batch_renorm(
     return _normalize(x, params, batch_stats, Options.of(locals()), "batch_renorm")[:2]
 
 
+@documents(
+    "pure",
+    x="the input, of rank >= 3: the batch, one or more spatial axes, and the features "
+    "(e.g. NHWC, or NCHW with `axis=1`).",
+    params='`{"rho": gate, "scale": gamma, "bias": beta}`, each of the feature shape; '
+    '`"rho"` is required, a missing `"scale"` or `"bias"` (or None) means none.',
+    axis="the feature axis or axes, which must not include axis 0 (the batch); every "
+    "other axis is spatial. Default -1, the last.",
+    mask="a boolean array broadcastable to `x`: the batch and the instance statistics "
+    "use the True positions only. False positions may hold NaN or Inf.",
+)
 def instance_renorm(
     x: jax.Array,
     params: Params,
@@ -329,42 +279,33 @@ def instance_renorm(
     d_max: float | jax.Array = 5.0,
     grad_through_batch_moments: bool = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    r"""Batch Renormalization mixed with instance normalization by a learned gate rho.
+    """Batch Renormalization mixed with instance normalization by a learned gate rho.
 
     Axis 0 is the batch, `axis` the features and every other axis spatial. With
-    BRN(x) = (x - mu_B) / s_B * r + d the batch-renormalized input (running
-    statistics at inference, as in `batch_renorm`) and IN(x) = (x - mu_i) / s_i
-    normalized per example i and feature over the spatial axes
-    (s_i = sqrt(var_i + eps)):
+    BRN(x) = (x - mu_B) / s_B * r + d the batch-renormalized input (the running
+    statistics at inference, as in `batch_renorm`) and
+    IN(x) = (x - mu_i) / sqrt(var_i + epsilon) each example i normalized per
+    feature over its spatial axes:
 
-    ```math
-    y = \gamma \big(\rho\, \mathrm{BRN}(x) + (1 - \rho)\, \mathrm{IN}(x)\big) + \beta
-    ```
+        y = scale * (rho * BRN(x) + (1 - rho) * IN(x)) + bias
 
-    with rho per feature, used as clip(rho, 0, 1). The two branches are affine maps
-    of each other: BN(x) = r_i IN(x) + d_i with r_i = s_i / s_B and
+    with rho per feature, used as clip(rho, 0, 1). The two branches are affine
+    maps of each other: BN(x) = r_i * IN(x) + d_i with r_i = s_i / s_B and
     d_i = (mu_i - mu_B) / s_B, so rho interpolates between per-example and
     per-batch statistics, as in batch-instance normalization (Nam & Kim 2018),
-    with a batch branch that is renormalized (so training matches inference).
-    rho = 1 is `batch_renorm`; rho = 0 is instance normalization with the affine
-    map. The running statistics are those of `batch_renorm`, from one pass over
-    the data (the batch moments are merged from the per-example ones). At
-    inference the batch branch uses the running statistics, so each example's
-    output depends on that example only.
+    with a batch branch that is renormalized, so that training matches
+    inference. rho = 1 is `batch_renorm`; rho = 0 is instance normalization
+    with the affine map. The running statistics are those of `batch_renorm`,
+    from one pass over the data (the batch moments are merged from the
+    per-example ones). At inference the batch branch uses the running
+    statistics, so each example's output depends on that example only.
 
     The gradient of rho is 0 where a descent step would push it further out of
-    [0, 1] and passes otherwise, so rho is never stuck at a bound (a custom VJP;
-    forward-mode differentiation with respect to rho is therefore not available,
-    while jvp with respect to x, gamma and beta works). Weight decay on rho pulls
-    it towards instance normalization; exclude it as you would a bias.
-
-    The other arguments are `batch_renorm`'s and concern the batch branch
-    (`mask` also selects the elements of each instance's statistics); `axis`
-    must not include axis 0.
-
-    Args:
-      x: input of rank >= 3: batch, spatial axes and features (e.g. NHWC).
-      params: `"rho"` (required), optional `"scale"` and `"bias"`, all feature-shaped.
+    [0, 1] and passes otherwise, so rho never sticks at a bound (a custom VJP:
+    forward-mode differentiation with respect to rho is therefore not
+    available; `jax.jvp` with respect to x, scale and bias works). Weight decay
+    on rho pulls it towards instance normalization: exclude it as you would a
+    bias.
 
     Returns:
       `(y, new_batch_stats)`, as `batch_renorm`.

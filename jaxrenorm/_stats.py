@@ -319,15 +319,13 @@ def moments(
     use_fast_variance: bool = True,
     shift: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    r"""Mean and biased variance of `x` over `axes`, accurate on offset data.
+    """Mean and biased variance of `x` over `axes`, accurate on offset data.
 
-    ```math
-    \mu = \frac{1}{n}\sum_{i \in \text{valid}} x_i, \qquad
-    \sigma^2 = \frac{1}{n}\sum_{i \in \text{valid}} |x_i - \mu|^2
-    ```
+        mean = sum(x_i) / n
+        var  = sum(|x_i - mean|^2) / n
 
-    where n counts the valid elements (all of them without a mask), summed over
-    the devices of `axis_name`. The default one-pass algorithm sums x - k and
+    over the valid elements x_i (all of them without a mask), n their number,
+    summed over the devices of `axis_name`. The default one-pass algorithm sums x - k and
     |x - k|^2 for a reference point k (Chan, Golub & LeVeque 1983), which loses a
     factor 1 + ((mean - k) / std)^2 of the variance's digits: nothing while k is
     within a few standard deviations of the mean, every digit when it is far.

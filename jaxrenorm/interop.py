@@ -30,6 +30,14 @@ __all__ = ["from_torch_batch_norm", "momentum_from_torch", "momentum_to_torch"]
 def momentum_from_torch(momentum: float) -> float:
     """PyTorch's momentum (weight of the new batch) to Flax's (weight of the old value).
 
+    Args:
+      momentum: a `torch.nn.BatchNorm*` momentum, in [0, 1] (PyTorch's default is
+        0.1). PyTorch's None (a cumulative average) has no equivalent: use
+        `jaxrenorm.recalibrate` for exact population statistics.
+
+    Returns:
+      `1 - momentum`, for the `momentum` of `jaxrenorm`'s and Flax's layers.
+
     Examples:
       >>> from jaxrenorm import interop
       >>> round(interop.momentum_from_torch(0.1), 6)
@@ -41,6 +49,13 @@ def momentum_from_torch(momentum: float) -> float:
 
 def momentum_to_torch(momentum: float) -> float:
     """Flax's momentum to PyTorch's: the inverse of `momentum_from_torch`.
+
+    Args:
+      momentum: the `momentum` of a jaxrenorm or Flax layer (the weight of the
+        old value), in [0, 1].
+
+    Returns:
+      `1 - momentum`, for `torch.nn.BatchNorm*(momentum=...)`.
 
     Examples:
       >>> from jaxrenorm import interop

@@ -1,8 +1,12 @@
-"""Flax linen modules. They create and write variables; the math is in `jaxrenorm._norm`.
+"""Flax linen modules.
 
 `BatchNorm` is a drop-in for `flax.linen.BatchNorm`: the same fields, defaults,
 call signature and variables (`params/scale`, `params/bias`, `batch_stats/mean`,
 `batch_stats/var`), so a checkpoint written by one loads into the other.
+`BatchRenorm` adds Batch Renormalization's clipping bounds (with a `steps`
+counter in `batch_stats` when they are schedules) and `InstanceRenorm` a learned
+gate `params/rho` between batch and instance statistics. The math of each layer
+is the pure function of the same name (`jaxrenorm.batch_norm`, ...).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from flax.linen.module import merge_param
 
 from jaxrenorm import schedules
 from jaxrenorm._checks import Axes, Layout, check_layout, check_statistics_present
+from jaxrenorm._docs import documents
 from jaxrenorm._layers import Bound, bounds_at, is_scheduled, normalize_layer, renorm_diagnostics
 from jaxrenorm._norm import RenormTerms
 
@@ -58,7 +63,19 @@ class _Normalization(nn.Module):
         *,
         mask: jax.Array | None = None,
     ) -> jax.Array:
-        """Normalizes `x`; see the class docstring. `mask` selects the elements for statistics."""
+        """Normalizes `x` and, in training mode, updates the running statistics.
+
+        Args:
+          x: the input: a batch axis and the features (`axis`), with any other
+            axes in between.
+          use_running_average: overrides the field of the same name for this call.
+          mask: a boolean array broadcastable to `x`: the batch statistics use
+            the True positions only (see `jaxrenorm.batch_norm`).
+
+        Returns:
+          The normalized input, in `dtype` (by default the promotion of the
+          input's and the parameters' dtypes).
+        """
         use_running_average = merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
@@ -111,6 +128,7 @@ class _Normalization(nn.Module):
         """Records what a training call leaves besides the running statistics."""
 
 
+@documents("linen")
 class BatchNorm(_Normalization):
     """Batch Normalization (Ioffe & Szegedy 2015), a drop-in for `flax.linen.BatchNorm`.
 
@@ -123,16 +141,8 @@ class BatchNorm(_Normalization):
     error 1e-7 where Flax's has 23).
 
     The fields are those of `flax.linen.BatchNorm`, with the same defaults, plus
-    two. `force_float32_reductions=False` keeps the running statistics in
-    `param_dtype`, as in Flax, but statistics are still computed in at least
-    float32: reducing in bfloat16 is not faster on any backend we measured and
-    loses most of the variance's digits.
-
-    Attributes:
-      virtual_batch_size: statistics over consecutive groups of that many
-        examples along axis 0 (see `jaxrenorm.batch_norm`).
-      bessel_correction: update the running variance with the unbiased batch
-        variance (PyTorch's convention).
+    `virtual_batch_size` and `bessel_correction`; the variables are
+    `params/scale`, `params/bias`, `batch_stats/mean` and `batch_stats/var`.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxrenorm
@@ -145,6 +155,7 @@ class BatchNorm(_Normalization):
     """
 
 
+@documents("linen")
 class BatchRenorm(_Normalization):
     """Batch Renormalization (Ioffe 2017, arXiv 1702.03275) as a Flax linen module.
 
@@ -158,15 +169,6 @@ class BatchRenorm(_Normalization):
     steps, then r_max to 3 at 40,000 and d_max to 5 at 25,000; for a shorter run
     use `jaxrenorm.schedules.scaled_paper_schedules`. Inference is exactly
     BatchNorm's. The math is `jaxrenorm.batch_renorm`'s.
-
-    Attributes (beyond `BatchNorm`'s):
-      r_max, d_max: the bounds on r and |d| (floats or schedules).
-      grad_through_batch_moments: False treats the batch mean and variance as
-        constants in the backward pass (see `jaxrenorm.batch_renorm`).
-      diagnostics: if True, each training call sows `r_clipped`, `d_clipped`,
-        `r_mean_abs_dev` and `d_mean_abs` into the `intermediates` collection
-        (collect them with `jaxrenorm.collect_diagnostics`). Off by default, and
-        free when off.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxrenorm
@@ -205,6 +207,7 @@ class BatchRenorm(_Normalization):
         return is_scheduled(self.r_max, self.d_max)
 
 
+@documents("linen")
 class InstanceRenorm(BatchRenorm):
     """Batch Renormalization mixed with instance normalization by a learned gate.
 
@@ -217,10 +220,6 @@ class InstanceRenorm(BatchRenorm):
     example's output depends on that example only. rho = 1 is `BatchRenorm`,
     rho = 0 instance normalization followed by the affine map. The math is
     `jaxrenorm.instance_renorm`'s, where the derivation is.
-
-    Attributes (beyond `BatchRenorm`'s):
-      rho_init: initializer of `params["rho"]` (feature shape, `param_dtype`);
-        0.5 by default, an even mix.
 
     Examples:
       >>> import jax, jaxrenorm

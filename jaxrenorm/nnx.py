@@ -1,9 +1,14 @@
-"""Flax NNX modules. They hold variables; the math is in `jaxrenorm._norm`.
+"""Flax NNX modules, and the tools that convert and recalibrate NNX models.
 
-`BatchNorm` mirrors `flax.nnx.BatchNorm` (constructor, `nnx.Param` `scale`/`bias`,
-`nnx.BatchStat` `mean`/`var`, `.train()` / `.eval()` and the call-time
-`use_running_average`); `BatchRenorm` adds the clipping bounds and
-`InstanceRenorm` the gate between batch and instance statistics.
+`BatchNorm` is a drop-in for `flax.nnx.BatchNorm`: the same constructor, the
+same variables (`nnx.Param` `scale` and `bias`, `nnx.BatchStat` `mean` and
+`var`) and every way Flax switches to evaluation (`use_running_average` at the
+call, `.train()` / `.eval()`, `nnx.view`). `BatchRenorm` adds Batch
+Renormalization's clipping bounds and `InstanceRenorm` a learned gate between
+batch and instance statistics. `convert` turns the `flax.nnx.BatchNorm` layers of
+an existing model into these; `recalibrate` recomputes their running statistics
+over a data set. The math of each layer is the pure function of the same name
+(`jaxrenorm.batch_norm`, ...).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from flax.nnx.nn import dtypes
 
 from jaxrenorm import schedules
 from jaxrenorm._checks import check_convert_target, check_layout, check_overrides
+from jaxrenorm._docs import documents
 from jaxrenorm._layers import (
     DIAGNOSTICS,
     Bound,
@@ -41,14 +47,13 @@ from jaxrenorm.tools import (
 )
 
 __all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm", "convert", "recalibrate"]
-_ZEROS, _ONES = initializers.zeros_init(), initializers.ones_init()  # flax.nnx's defaults
-_HALF = initializers.constant(0.5)
 
 
 class InputMoments(nnx.Intermediate):
     """(count, mean, var) of a layer's input per call, sown while `recalibrate` runs."""
 
 
+@documents("nnx")
 class BatchNorm(nnx.Module):
     """Batch Normalization (Ioffe & Szegedy 2015), a drop-in for `flax.nnx.BatchNorm`.
 
@@ -58,40 +63,6 @@ class BatchNorm(nnx.Module):
     module, which `.train()`, `.eval()` and `nnx.view(model,
     use_running_average=...)` set. The math is `jaxrenorm.batch_norm`'s; its
     default variance is accurate on offset data, where Flax's is not.
-
-    Args:
-      num_features: the size of the feature axis.
-      use_running_average: normalize with the running statistics (inference)
-        instead of the batch's; the call's argument takes precedence.
-      axis: the feature axis (statistics are over every other axis).
-      momentum: decay of the running statistics (Flax's convention: the weight
-        of the old value).
-      epsilon: added to the variance.
-      dtype: the output dtype; None promotes the input with the variables, as
-        `promote_dtype` does in Flax.
-      param_dtype: dtype of `scale` and `bias`.
-      use_bias: add `bias` (beta).
-      use_scale: multiply by `scale` (gamma).
-      bias_init: initializer of `bias`.
-      scale_init: initializer of `scale`.
-      axis_name: named axis (pmap, shard_map, vmap) whose devices share the
-        batch statistics, with one all-reduce.
-      axis_index_groups: device groups along `axis_name` normalized separately.
-      use_fast_variance: the accurate one-pass shifted variance (default), or the
-        exact two-pass one.
-      promote_dtype: as in `flax.nnx.BatchNorm`: called with
-        `(x, mean, var, scale, bias)` and `dtype=dtype`, it returns them promoted
-        to one dtype; the layer normalizes the promoted input with the promoted
-        scale and bias, and outputs in their dtype. The statistics are computed,
-        and the running statistics kept, in at least float32 whatever it returns.
-      rngs: the random keys of the initializers.
-      bias_metadata: metadata of the `bias` `nnx.Param` (e.g. sharding names),
-        as in Flax.
-      scale_metadata: metadata of the `scale` `nnx.Param`.
-      virtual_batch_size: statistics over consecutive groups of that many
-        examples along axis 0 (see `jaxrenorm.batch_norm`).
-      bessel_correction: update the running variance with the unbiased batch
-        variance (PyTorch's convention).
 
     Examples:
       >>> import jax, jaxrenorm
@@ -116,8 +87,9 @@ class BatchNorm(nnx.Module):
         param_dtype: Any = jnp.float32,
         use_bias: bool = True,
         use_scale: bool = True,
-        bias_init: Callable = _ZEROS,
-        scale_init: Callable = _ONES,
+        # Flax's defaults, written as Flax writes them so that signatures read the same.
+        bias_init: Callable = initializers.zeros_init(),  # noqa: B008
+        scale_init: Callable = initializers.ones_init(),  # noqa: B008
         axis_name: str | None = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
@@ -160,10 +132,17 @@ class BatchNorm(nnx.Module):
         *,
         mask: jax.Array | None = None,
     ) -> jax.Array:
-        """Normalizes `x`; the call-time `use_running_average` takes precedence.
+        """Normalizes `x` and, in training mode, updates the running statistics.
 
-        `mask` (boolean, broadcastable to `x`) selects the elements the batch
-        statistics are computed from.
+        Args:
+          x: the input: a batch axis and the features (`axis`), with any other
+            axes in between.
+          use_running_average: overrides the module's setting for this call.
+          mask: a boolean array broadcastable to `x`: the batch statistics use
+            the True positions only (see `jaxrenorm.batch_norm`).
+
+        Returns:
+          The normalized input.
         """
         use_running_average = first_from(
             use_running_average,
@@ -213,6 +192,7 @@ class BatchNorm(nnx.Module):
         """Records what a training call leaves besides the running statistics."""
 
 
+@documents("nnx")
 class BatchRenorm(BatchNorm):
     """Batch Renormalization (Ioffe 2017, arXiv 1702.03275) as a Flax NNX module.
 
@@ -221,20 +201,6 @@ class BatchRenorm(BatchNorm):
     the number of training calls so far (not counting inference calls): the
     bounds are the schedules' values at it. Inference is exactly BatchNorm's. The
     math is `jaxrenorm.batch_renorm`'s.
-
-    Args:
-      r_max: bound on r, >= 1: a float or a schedule `step -> value` (any optax
-        schedule). The default is the paper's schedule
-        (`jaxrenorm.schedules.PAPER_R_MAX`: plain BatchNorm for 5,000 steps); for
-        a shorter run use `jaxrenorm.schedules.scaled_paper_schedules`.
-      d_max: bound on |d|, >= 0 (float or schedule; `PAPER_D_MAX` by default).
-      grad_through_batch_moments: False treats the batch mean and variance as
-        constants in the backward pass (see `jaxrenorm.batch_renorm`).
-      diagnostics: if True, each training call stores the summaries of
-        `jaxrenorm.collect_diagnostics` (`r_clipped`, `d_clipped`,
-        `r_mean_abs_dev`, `d_mean_abs`) as a dict in `self.diagnostics_values`, an
-        `nnx.Intermediate` (zeros until the first training call).
-      **kwargs: `BatchNorm`'s arguments.
 
     Examples:
       >>> import jax, jaxrenorm
@@ -280,6 +246,7 @@ class BatchRenorm(BatchNorm):
             self.diagnostics_values = nnx.Intermediate(renorm_diagnostics(terms))
 
 
+@documents("nnx")
 class InstanceRenorm(BatchRenorm):
     """Batch Renormalization mixed with instance normalization, as a Flax NNX module.
 
@@ -287,11 +254,6 @@ class InstanceRenorm(BatchRenorm):
     `nnx.Param` of shape `(num_features,)` used as clip(rho, 0, 1). Inputs need a
     batch axis, at least one spatial axis and the features (rank >= 3). See
     `jaxrenorm.linen.InstanceRenorm` and, for the math, `jaxrenorm.instance_renorm`.
-
-    Args:
-      rho_init: initializer of `rho` (0.5 everywhere by default: an even mix).
-      rho_metadata: metadata of the `rho` `nnx.Param`, like `scale_metadata`.
-      **kwargs: `BatchRenorm`'s arguments.
 
     Examples:
       >>> import jax, jaxrenorm
@@ -306,7 +268,7 @@ class InstanceRenorm(BatchRenorm):
         self,
         num_features: int,
         *,
-        rho_init: Callable = _HALF,
+        rho_init: Callable = initializers.constant(0.5),  # noqa: B008
         rho_metadata: Mapping[str, Any] = MappingProxyType({}),
         rngs: nnx.Rngs,
         **kwargs: Any,

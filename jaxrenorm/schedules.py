@@ -39,6 +39,14 @@ def r_max_schedule(final: float = 3.0, begin: int = 5_000, end: int = 40_000) ->
 
     Defaults are the paper's: 1 for 5,000 steps, 3 at 40,000.
 
+    Args:
+      final: the value reached at `end` and kept after it, >= 1.
+      begin: the last step at which r_max is 1 (plain BatchNorm), >= 0.
+      end: the step at which r_max reaches `final`, >= `begin`.
+
+    Returns:
+      An optax schedule, `step -> r_max`, for `BatchRenorm(r_max=...)`.
+
     Examples:
       >>> from jaxrenorm import schedules
       >>> s = schedules.r_max_schedule()
@@ -54,6 +62,14 @@ def d_max_schedule(final: float = 5.0, begin: int = 5_000, end: int = 25_000) ->
 
     Defaults are the paper's: 0 for 5,000 steps, 5 at 25,000.
 
+    Args:
+      final: the value reached at `end` and kept after it, >= 0.
+      begin: the last step at which d_max is 0 (no shift correction), >= 0.
+      end: the step at which d_max reaches `final`, >= `begin`.
+
+    Returns:
+      An optax schedule, `step -> d_max`, for `BatchRenorm(d_max=...)`.
+
     Examples:
       >>> from jaxrenorm import schedules
       >>> s = schedules.d_max_schedule()
@@ -64,10 +80,23 @@ def d_max_schedule(final: float = 5.0, begin: int = 5_000, end: int = 25_000) ->
     return _ramp(0.0, final, begin, end, "d_max_schedule")
 
 
+class _Named:
+    """A schedule that shows its name, so that signatures and `help()` read `PAPER_R_MAX`."""
+
+    def __init__(self, schedule: optax.Schedule, name: str):
+        self._schedule, self._name = schedule, name
+
+    def __call__(self, count):
+        return self._schedule(count)
+
+    def __repr__(self) -> str:
+        return f"jaxrenorm.schedules.{self._name}"
+
+
 #: The paper's r_max schedule: 1 until step 5,000, then linear to 3 at step 40,000.
-PAPER_R_MAX: optax.Schedule = r_max_schedule()
+PAPER_R_MAX: optax.Schedule = _Named(r_max_schedule(), "PAPER_R_MAX")
 #: The paper's d_max schedule: 0 until step 5,000, then linear to 5 at step 25,000.
-PAPER_D_MAX: optax.Schedule = d_max_schedule()
+PAPER_D_MAX: optax.Schedule = _Named(d_max_schedule(), "PAPER_D_MAX")
 
 
 def scaled_paper_schedules(
@@ -78,6 +107,11 @@ def scaled_paper_schedules(
     The paper trains for 40,000 steps between its milestones: BatchNorm until 5,000
     (1/8 of the way), d_max at its final value at 25,000 (5/8) and r_max at 40,000
     (the end). This keeps those proportions for a run of any length.
+
+    Args:
+      total_steps: the number of training steps of the run, >= 1.
+      r_max: the final r_max, reached at the last step, >= 1.
+      d_max: the final d_max, reached at 5/8 of the run, >= 0.
 
     Returns:
       `(r_max_schedule, d_max_schedule)`, for `BatchRenorm(r_max=..., d_max=...)`.

@@ -103,19 +103,18 @@ class PooledMoments(NamedTuple):
 
 
 def pool_moments(pooled: PooledMoments | None, mean: Any, var: Any, count: Any) -> PooledMoments:
-    r"""Adds the mean and biased variance of one more part of the data to `pooled`.
+    """Adds the mean and biased variance of one more part of the data to `pooled`.
 
     The population statistics of data too large for one batch, from each batch's
     moments: exact, in float64 on the host (Chan, Golub & LeVeque 1983), weighted
     by each part's count of valid elements, never the mean of per-batch
-    variances. With n, mu, M2 = n * var for the pooled data (a) and the new part
-    (b):
+    variances. With n, mu and M2 = n * var for the data pooled so far (a) and
+    the new part (b):
 
-    ```math
-    n = n_a + n_b, \quad \delta = \mu_b - \mu_a, \quad
-    \mu = \mu_a + \delta\, n_b / n, \quad
-    M_2 = M_{2,a} + M_{2,b} + \delta^2 n_a n_b / n
-    ```
+        n     = n_a + n_b
+        delta = mu_b - mu_a
+        mu    = mu_a + delta * n_b / n
+        M2    = M2_a + M2_b + delta^2 * n_a * n_b / n
 
     `recalibrate` (linen and NNX) pools each layer's input this way; with the
     pure functions, pool `jaxrenorm.moments` of a layer's input over the batches
@@ -231,7 +230,7 @@ def recalibrate(
     progress: bool = False,
     **apply_kwargs: Any,
 ) -> dict[str, Any]:
-    r"""Replaces every jaxrenorm layer's running statistics by exact population statistics.
+    """Replaces every jaxrenorm layer's running statistics by exact population statistics.
 
     Runs `model.apply(variables, batch, **apply_kwargs)` on each batch and records
     the input of every `jaxrenorm.linen` normalization layer. The new `mean` is the
@@ -330,16 +329,15 @@ def fold_batch_norm(
     *,
     epsilon: float = 1e-5,
 ) -> tuple[jax.Array, jax.Array]:
-    r"""Folds an inference-mode normalization into the preceding Dense or Conv layer.
+    """Folds an inference-mode normalization into the preceding Dense or Conv layer.
 
-    With z = x @ kernel + bias and y = scale * (z - mean) / sqrt(var + eps) + b,
+    With z = x @ kernel + bias and y = scale * (z - mean) / sqrt(var + epsilon) + b:
 
-    ```math
-    a = \frac{scale}{\sqrt{var + \epsilon}}, \quad kernel' = kernel \cdot a,
-    \quad bias' = (bias - mean)\, a + b
-    ```
+        a       = scale / sqrt(var + epsilon)
+        kernel' = kernel * a
+        bias'   = (bias - mean) * a + b
 
-    so that y = x @ kernel' + bias' with one layer less at inference.
+    so that y = x @ kernel' + bias', with one layer less at inference.
 
     Args:
       kernel: Dense `(in, out)` or Conv `HWIO` (any `...IO`) kernel; its last axis

@@ -1,0 +1,307 @@
+"""One description per argument, for the docstrings of every public layer and function.
+
+The pure functions, the linen modules and the NNX modules share most of their
+arguments (`axis`, `momentum`, `virtual_batch_size`, ...). Each is described once
+here, and `documents` writes the `Args:` (functions, NNX constructors) or
+`Attributes:` (linen fields) section of a docstring from these descriptions, in
+the order of the signature. `help()`, IDEs and the API pages then show every
+argument of every layer without a copy to keep in sync, and a new argument
+without a description is an error at import time.
+
+A description is a string, or a dict from family ("pure", "linen", "nnx") to
+string where the families differ. `{flax}` becomes the Flax layer the family
+mirrors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import textwrap
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_FLAX = {
+    "pure": "flax.linen.BatchNorm",
+    "linen": "flax.linen.BatchNorm",
+    "nnx": "flax.nnx.BatchNorm",
+}
+
+_MODULE_BOUND = (
+    "a float or a schedule `step -> value` (any optax schedule) evaluated at the "
+    "layer's `steps` counter, the number of training calls so far."
+)
+
+ARGUMENTS: dict[str, str | dict[str, str]] = {
+    "x": (
+        "the input, real or complex floating point: a batch axis and the features, "
+        "with any other axes (spatial, sequence) in between."
+    ),
+    "params": (
+        'the learned per-feature parameters: `{"scale": gamma, "bias": beta}`, each '
+        "of the feature shape; a missing key (or None) means no scale or no bias."
+    ),
+    "batch_stats": (
+        'the running statistics, `{"mean": ..., "var": ...}` of the feature shape '
+        "(see `init_batch_stats`)."
+    ),
+    "num_features": "the size of the feature axis (the shape of the parameters and statistics).",
+    "use_running_average": {
+        "pure": (
+            "True normalizes with the running statistics (inference) and returns "
+            "`batch_stats` unchanged; False normalizes with the batch's statistics "
+            "(training) and returns updated running statistics."
+        ),
+        "linen": (
+            "True normalizes with the running statistics (inference), False with the "
+            "batch's, updating the running ones (training). The argument of the call, "
+            "if given, takes precedence; one of the two must be set. As in {flax}."
+        ),
+        "nnx": (
+            "True normalizes with the running statistics (inference), False (the "
+            "default) with the batch's, updating the running ones (training). The "
+            "argument of the call takes precedence; `.train()`, `.eval()` and "
+            "`nnx.view(model, use_running_average=...)` set this one. As in {flax}."
+        ),
+    },
+    "axis": {
+        "pure": (
+            "the feature axis, or a tuple of feature axes: the statistics are "
+            "computed over every other axis. Default -1, the last; as in {flax}."
+        ),
+        "linen": (
+            "the feature axis, or a tuple of feature axes: the statistics are "
+            "computed over every other axis. Default -1, the last; as in {flax}."
+        ),
+        "nnx": (
+            "the feature axis: the statistics are computed over every other axis. "
+            "Default -1, the last; as in {flax}."
+        ),
+    },
+    "momentum": (
+        "decay rate of the running statistics, in [0, 1]: "
+        "running = momentum * running + (1 - momentum) * batch, the weight of the "
+        "old value, as in {flax} (PyTorch's momentum is one minus this: see "
+        "`jaxrenorm.interop.momentum_from_torch`)."
+    ),
+    "epsilon": "a small value added to the variance before the square root, >= 0; as in {flax}.",
+    "dtype": {
+        "pure": (
+            "the output dtype (default: the input's). The statistics are computed in "
+            "at least float32 whatever the dtype."
+        ),
+        "linen": (
+            "the output dtype; None promotes the input's dtype with the parameters', "
+            "as in {flax}. The statistics are computed in at least float32."
+        ),
+        "nnx": (
+            "the output dtype; None promotes the input with the variables through "
+            "`promote_dtype`, as in {flax}. The statistics are computed in at least "
+            "float32."
+        ),
+    },
+    "param_dtype": {
+        "linen": (
+            "the dtype of the parameters (`scale`, `bias`, InstanceRenorm's `rho`), "
+            "float32 by default, and of the running statistics when "
+            "`force_float32_reductions=False`; as in {flax}."
+        ),
+        "nnx": (
+            "the dtype of the parameters (`scale`, `bias`, InstanceRenorm's `rho`), "
+            "float32 by default; as in {flax}."
+        ),
+    },
+    "use_bias": "learn a per-feature `bias` (beta) added after normalizing; as in {flax}.",
+    "use_scale": (
+        "learn a per-feature `scale` (gamma) that multiplies the normalized input; as in {flax}."
+    ),
+    "bias_init": "the initializer of `bias` (zeros by default); as in {flax}.",
+    "scale_init": "the initializer of `scale` (ones by default); as in {flax}.",
+    "axis_name": (
+        "the named axis, or tuple of axis names, of a `pmap`, `shard_map` or `vmap` "
+        "whose devices share the statistics of the global batch, computed with one "
+        "all-reduce per layer (and at most one more in the backward pass); as in "
+        "{flax}. Not needed under `jit` with a sharded batch, where XLA inserts the "
+        "collectives. The one-pass variance then needs a reference point common to "
+        "all devices, the running mean: relative error 9e-5 when the running mean is "
+        "30 batch standard deviations from the batch mean, 2e-3 at 100 (float32). "
+        "Far from it (offset data at the first steps) use `use_fast_variance=False`."
+    ),
+    "axis_index_groups": (
+        "groups of device indices along `axis_name`, each normalized with its own "
+        "statistics (e.g. `[[0, 1], [2, 3]]`); as in {flax}."
+    ),
+    "mask": (
+        "a boolean array broadcastable to `x`: the statistics use the True positions "
+        "only, weighted by their number on each device. False positions may hold NaN "
+        "or Inf: they reach neither the statistics nor any gradient, and their "
+        "outputs are finite. Left padding is as accurate as right padding: the "
+        "one-pass variance shifts by each group's first valid element. A feature with "
+        "no valid element keeps its running statistics and is normalized with them."
+    ),
+    "use_fast_variance": (
+        "True (the default, as in {flax}) computes the variance in one pass, shifted "
+        "by a sample of the data so that it stays accurate on offset data, where "
+        "Flax's one-pass E[x^2] - E[x]^2 is not (x = 1e4 + N(0, 1) in float32: "
+        "relative error 1e-7 against 23). False computes the exact two-pass "
+        "variance, at the cost of a second all-reduce with `axis_name`."
+    ),
+    "force_float32_reductions": (
+        "True (the default) keeps the running statistics in float32; False keeps "
+        "them in `param_dtype`, as in {flax}. The statistics of each batch are "
+        "computed in at least float32 either way: reducing in bfloat16 is not faster "
+        "on any backend measured and loses most of the variance's digits."
+    ),
+    "virtual_batch_size": (
+        'statistics over consecutive groups ("virtual" or "ghost" batches) of this '
+        "many examples along axis 0, which it must divide; the running statistics "
+        "move towards the mean over groups of the group means and variances. Groups "
+        "are local to each device (no collective). None: the whole batch."
+    ),
+    "bessel_correction": (
+        "update the running variance with the unbiased batch variance "
+        "n / (n - 1) * var_B, n the number of valid values per feature (per group "
+        "with virtual batches), as PyTorch does; the normalization itself always "
+        "uses the biased var_B. False by default, Flax's convention."
+    ),
+    "r_max": {
+        "pure": (
+            "the bound on r, >= 1: r is clipped to [1 / r_max, r_max]. A Python "
+            "float or a traced scalar, e.g. a schedule evaluated at the step inside "
+            "`jit` (see `jaxrenorm.schedules`). `r_max=1` with `d_max=0` is "
+            "BatchNorm."
+        ),
+        "module": (
+            "the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): "
+            + _MODULE_BOUND
+            + " Default: the paper's schedule `jaxrenorm.schedules.PAPER_R_MAX`, 1 "
+            "(plain BatchNorm) until step 5,000, then linear to 3 at step 40,000; "
+            "for a shorter run use `jaxrenorm.schedules.scaled_paper_schedules`."
+        ),
+    },
+    "d_max": {
+        "pure": (
+            "the bound on |d|, >= 0: d is clipped to [-d_max, d_max]. A Python "
+            "float or a traced scalar."
+        ),
+        "module": (
+            "the bound on |d|, >= 0 (d is clipped to [-d_max, d_max]): "
+            + _MODULE_BOUND
+            + " Default: the paper's schedule `jaxrenorm.schedules.PAPER_D_MAX`, 0 "
+            "until step 5,000, then linear to 5 at step 25,000."
+        ),
+    },
+    "grad_through_batch_moments": (
+        "True (the paper) differentiates through the batch mean and variance. False "
+        "treats them as constants in the backward pass (the forward pass is "
+        "unchanged): the gradient is then that of the affine map "
+        "y = scale * r / s_B * x + ..., which no longer removes the directions that "
+        "move a whole statistics group together. Use it when the groups that provide "
+        "the statistics are not representative (e.g. each holds one class), with a "
+        "BatchNorm warm-up, since nothing then stops the layer's input from drifting "
+        "in scale or offset."
+    ),
+    "diagnostics": {
+        "linen": (
+            "if True, each training call sows `r_clipped`, `d_clipped`, "
+            "`r_mean_abs_dev` and `d_mean_abs` into the `intermediates` collection; "
+            "`jaxrenorm.collect_diagnostics` gathers them. Off by default, and free "
+            "when off."
+        ),
+        "nnx": (
+            "if True, each training call stores `r_clipped`, `d_clipped`, "
+            "`r_mean_abs_dev` and `d_mean_abs` (see `jaxrenorm.collect_diagnostics`) "
+            "as a dict in `self.diagnostics_values`, an `nnx.Intermediate` (zeros "
+            "until the first training call). Off by default."
+        ),
+    },
+    "rho_init": (
+        "the initializer of the gate `rho` (feature shape, `param_dtype`): 0.5 "
+        "everywhere by default, an even mix of batch and instance statistics."
+    ),
+    "promote_dtype": (
+        "called as `promote_dtype((x, mean, var, scale, bias), dtype=dtype)`, it "
+        "returns them promoted to one dtype: the layer normalizes the promoted input "
+        "with the promoted scale and bias and outputs their dtype; as in {flax}. The "
+        "statistics are still computed, and the running statistics kept, in at "
+        "least float32."
+    ),
+    "rngs": "the `nnx.Rngs` whose `params` stream the initializers draw from.",
+    "bias_metadata": (
+        "metadata of the `bias` `nnx.Param`, e.g. its sharding annotation, which "
+        "`nnx.get_partition_spec` and sharding rules read; as in {flax}."
+    ),
+    "scale_metadata": "metadata of the `scale` `nnx.Param`, like `bias_metadata`; as in {flax}.",
+    "rho_metadata": "metadata of the `rho` `nnx.Param`, like `bias_metadata`.",
+}
+
+# Parameters that are part of the machinery, not the layer's settings.
+_NOT_DOCUMENTED = {"self", "parent", "name"}
+
+
+def documents(family: str, **specific: str) -> Callable[[T], T]:
+    """Adds the section describing every argument of the decorated object.
+
+    `family` is "pure" (a function: an `Args:` section from its signature),
+    "linen" (a module: an `Attributes:` section from its dataclass fields) or
+    "nnx" (a module: an `Args:` section from the constructors of its classes).
+    `specific` overrides a description for this object. The section goes before
+    `Returns:` or `Examples:`, or at the end.
+    """
+
+    def decorate(obj: T) -> T:
+        names = _argument_names(obj, family)
+        entries = [_entry(name, specific.get(name) or _describe(name, family)) for name in names]
+        title = "Attributes:" if family == "linen" else "Args:"
+        obj.__doc__ = _insert(inspect.cleandoc(obj.__doc__ or ""), [title, *entries])
+        return obj
+
+    return decorate
+
+
+def _argument_names(obj: Any, family: str) -> list[str]:
+    if family == "linen":
+        names = [f.name for f in dataclasses.fields(obj)]
+    elif family == "nnx":
+        names = []  # the base class's constructor first, then each subclass's additions
+        for cls in reversed(obj.__mro__):
+            if "__init__" in vars(cls) and cls.__module__.startswith("jaxrenorm"):
+                names += [n for n in _parameters(cls.__init__) if n not in names]
+    else:
+        names = _parameters(obj)
+    return [n for n in names if n not in _NOT_DOCUMENTED]
+
+
+def _parameters(fn: Callable) -> list[str]:
+    kinds = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind not in kinds]
+
+
+def _describe(name: str, family: str) -> str:
+    text = ARGUMENTS[name]  # a KeyError at import: an argument without a description
+    if isinstance(text, dict):
+        key = "module" if family != "pure" and "module" in text else family
+        text = text[key]
+    return text.replace("{flax}", _FLAX[family])
+
+
+def _entry(name: str, text: str) -> str:
+    return textwrap.fill(
+        f"{name}: {text}",
+        width=80,
+        initial_indent="  ",
+        subsequent_indent="    ",
+        break_on_hyphens=False,
+        break_long_words=False,
+    )
+
+
+def _insert(doc: str, section: list[str]) -> str:
+    match = re.search(r"^(Returns|Examples):$", doc, flags=re.M)
+    block = "\n".join(section)
+    if match is None:
+        return f"{doc}\n\n{block}\n"
+    return f"{doc[: match.start()]}{block}\n\n{doc[match.start() :]}"
