@@ -5,9 +5,13 @@ page reads as one session). Sections included from README.md (`--8<--`) are
 README's own blocks, which tests/test_readme.py runs.
 """
 
+import dataclasses
+import importlib
+import inspect
 import pathlib
 import re
 
+import flax
 import pytest
 
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
@@ -17,7 +21,8 @@ BLOCK = re.compile(r"```python\n(.*?)```", flags=re.S)
 
 def test_pages_exist():
     names = {p.relative_to(DOCS).as_posix() for p in PAGES}
-    assert {"index.md", "getting-started.md", "concepts.md", "api.md", "errors.md"} <= names
+    assert {"index.md", "getting-started.md", "concepts.md", "troubleshooting.md"} <= names
+    assert {"errors.md", "api/jaxrenorm.md", "api/linen.md", "api/nnx.md"} <= names
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(DOCS).as_posix())
@@ -40,3 +45,82 @@ def test_snippet_sections_exist_in_readme():
     for page in PAGES:
         for name in re.findall(r'--8<-- "README\.md:([\w-]+)"', page.read_text()):
             assert f"[start:{name}]" in readme and f"[end:{name}]" in readme, (page, name)
+
+
+# --- the API reference --------------------------------------------------------
+
+API_MODULES = ("jaxrenorm", "jaxrenorm.linen", "jaxrenorm.nnx", "jaxrenorm.schedules")
+API_MODULES += ("jaxrenorm.tools", "jaxrenorm.interop")
+
+
+def _public_objects():
+    """(qualified name, object) for every public name of every public module."""
+    for module_name in API_MODULES:
+        module = importlib.import_module(module_name)
+        for name in module.__all__:
+            obj = getattr(module, name)
+            if not inspect.ismodule(obj):
+                yield f"{module_name}.{name}", obj
+
+
+def _rendered_objects():
+    """The objects the `:::` directives of docs/api/ render (a module: its public names)."""
+    rendered = []
+    for page in sorted((DOCS / "api").glob("*.md")):
+        directives = re.finditer(r"^::: ([\w.]+)\n((?:    .*\n)*)", page.read_text(), flags=re.M)
+        for directive in directives:
+            target, options = directive.group(1), directive.group(2)
+            try:
+                obj = importlib.import_module(target)
+            except ImportError:
+                module, _, name = target.rpartition(".")
+                obj = getattr(importlib.import_module(module), name)
+            if inspect.ismodule(obj):
+                names = re.findall(r"^        - (\w+)$", options, flags=re.M) or obj.__all__
+                rendered += [getattr(obj, name) for name in names]
+            else:
+                rendered.append(obj)
+    return rendered
+
+
+def test_every_public_name_is_on_an_api_page():
+    rendered = _rendered_objects()
+    missing = [name for name, obj in _public_objects() if not any(obj is r for r in rendered)]
+    assert not missing, f"not rendered on any page of docs/api/: {missing}"
+
+
+def _arguments(obj) -> list[str]:
+    """What a reader passes: a function's parameters, a layer's fields or constructor's."""
+    if isinstance(obj, type) and issubclass(obj, flax.linen.Module):
+        fields = [f.name for f in dataclasses.fields(obj) if f.name not in ("parent", "name")]
+        return fields
+    if isinstance(obj, type) and issubclass(obj, flax.nnx.Module):
+        ours = [c for c in obj.__mro__ if c.__module__.startswith("jaxrenorm")]
+        inits = [c.__init__ for c in ours if "__init__" in vars(c)]
+        return sorted({p for init in inits for p in _parameters(init)} - {"kwargs"})
+    if isinstance(obj, type) and issubclass(obj, tuple):  # a NamedTuple
+        return list(obj._fields)
+    return _parameters(obj)
+
+
+def _parameters(fn) -> list[str]:
+    return [p for p in inspect.signature(fn).parameters if p != "self"]
+
+
+PUBLIC = dict(_public_objects())
+
+
+@pytest.mark.parametrize("name, obj", PUBLIC.items(), ids=list(PUBLIC))
+def test_every_argument_is_documented_in_plain_text(name, obj):
+    """Each argument has an entry in its docstring, which holds no LaTeX."""
+    if not (inspect.isfunction(obj) or isinstance(obj, type)):
+        return  # a constant (the paper's schedules), documented by its `#:` comment
+    documented = [(obj, _arguments(obj))]
+    if isinstance(obj, type) and "__call__" in dir(obj) and obj.__call__.__doc__:
+        documented.append((obj.__call__, _parameters(obj.__call__)))
+    for target, arguments in documented:
+        doc = inspect.getdoc(target)
+        missing = [a for a in arguments if not re.search(rf"^\s+(\*\*)?{a}:", doc, flags=re.M)]
+        assert not missing, f"{name}: no description of {missing}"
+        for latex in ("```math", "\\frac", "$`", "\\sqrt"):
+            assert latex not in doc, f"{name}: LaTeX ({latex}) in a docstring"
