@@ -7,7 +7,7 @@ The same model and schedule as `quickstart.py`, written with `flax.nnx`:
 same model with every normalization layer on its running statistics. The data
 ships inside scikit-learn; nothing is downloaded.
 
-Run: `python examples/quickstart_nnx.py` (about 20 seconds on 2 CPU cores; prints
+Run: `python examples/quickstart_nnx.py` (about 10 seconds on 2 CPU cores; prints
 the test accuracy, typically 0.97-0.99).
 """
 
