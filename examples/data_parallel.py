@@ -142,7 +142,7 @@ def _accuracy(state, x, y):
     return float(accuracy(jax.device_get(state), x, y))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=["pmap", "sharded-jit", "both"], default="both")
     parser.add_argument("--epochs", type=int, default=10)
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--num-processes", type=int, default=1)
     parser.add_argument("--process-id", type=int, default=0)
     parser.add_argument("--cpu-collectives", choices=["gloo", "mpi"], default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     if args.cpu_collectives:
         jax.config.update("jax_cpu_collectives_implementation", args.cpu_collectives)

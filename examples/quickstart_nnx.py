@@ -43,12 +43,12 @@ class CNN(nnx.Module):
         return self.head(x.reshape(x.shape[0], -1))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     x_train, x_test, y_train, y_test = load_data(args.seed)
     steps_per_epoch = len(x_train) // args.batch_size

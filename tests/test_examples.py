@@ -3,31 +3,29 @@
 import importlib
 import pathlib
 import re
-import subprocess
-import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _run_example(script: str, *args: str) -> str:
-    """Runs examples/<script> with `args` and returns its standard output."""
-    return subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout
+def _run_example(script: str, *args: str, monkeypatch, capsys) -> str:
+    """Runs examples/<script>'s `main(args)` in this process; returns what it printed.
+
+    In-process: no interpreter start-up and no second import of JAX, and the
+    example runs on the 8 CPU devices the test session already has.
+    """
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))  # the examples import quickstart
+    importlib.import_module(script.removesuffix(".py")).main(list(args))
+    return capsys.readouterr().out
 
 
-def test_quickstart_trains():
-    out = _run_example("quickstart.py", "--epochs", "3")
+def test_quickstart_trains(monkeypatch, capsys):
+    out = _run_example("quickstart.py", "--epochs", "3", monkeypatch=monkeypatch, capsys=capsys)
     accuracy = float(re.search(r"test accuracy: ([0-9.]+)", out).group(1))
     assert accuracy > 0.9, out
 
 
-def test_data_parallel_runs_both_modes():
-    out = _run_example("data_parallel.py", "--epochs", "1")
+def test_data_parallel_runs_both_modes(monkeypatch, capsys):
+    out = _run_example("data_parallel.py", "--epochs", "1", monkeypatch=monkeypatch, capsys=capsys)
     assert "8 devices" in out, out
     for mode in ("pmap", "sharded-jit"):
         accuracy = float(re.search(rf"\[{mode}\] test accuracy: ([0-9.]+)", out).group(1))
@@ -35,8 +33,15 @@ def test_data_parallel_runs_both_modes():
         assert re.search(rf"\[{mode}\] throughput: [0-9,]+ examples/s", out), out
 
 
-def test_small_batches_quick(tmp_path):
-    out = _run_example("small_batches.py", "--quick", "--out-dir", str(tmp_path))
+def test_small_batches_quick(tmp_path, monkeypatch, capsys):
+    out = _run_example(
+        "small_batches.py",
+        "--quick",
+        "--out-dir",
+        str(tmp_path),
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+    )
     report = (tmp_path / "small_batches.md").read_text()
     assert report.strip() in out
     methods = (
@@ -60,8 +65,8 @@ def test_small_batches_quick(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
-def test_quickstart_nnx_trains():
-    out = _run_example("quickstart_nnx.py", "--epochs", "3")
+def test_quickstart_nnx_trains(monkeypatch, capsys):
+    out = _run_example("quickstart_nnx.py", "--epochs", "3", monkeypatch=monkeypatch, capsys=capsys)
     accuracy = float(re.search(r"test accuracy: ([0-9.]+)", out).group(1))
     assert accuracy > 0.9, out
 
@@ -73,3 +78,23 @@ def test_custom_loop_trains_in_process(monkeypatch, capsys):
     accuracy = custom_loop.main(["--steps", "300"])
     assert accuracy > 0.95  # 0.98-0.99 over seeds 0-3
     assert f"test accuracy: {accuracy:.4f}" in capsys.readouterr().out
+
+
+def test_small_batches_conv_is_flax_conv(monkeypatch):
+    """The experiment's Conv3x3 computes nn.Conv(features, (3, 3), use_bias=False)."""
+    import flax.linen as nn
+    import jax
+    import numpy as np
+
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    small_batches = importlib.import_module("small_batches")
+    x = jax.random.normal(jax.random.key(0), (2, 6, 6, 5))
+    variables = nn.Conv(7, (3, 3), use_bias=False).init(jax.random.key(1), x)
+    np.testing.assert_allclose(
+        small_batches.Conv3x3(7).apply(variables, x),
+        nn.Conv(7, (3, 3), use_bias=False).apply(variables, x),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    ours = small_batches.Conv3x3(7).init(jax.random.key(1), x)
+    assert jax.tree.map(np.shape, ours) == jax.tree.map(np.shape, variables)
