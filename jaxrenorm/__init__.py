@@ -1,13 +1,16 @@
-"""jaxrenorm: Batch Normalization and Batch Renormalization for JAX and Flax.
+"""Batch Normalization and Batch Renormalization for JAX and Flax.
 
-Pure functions over `(params, batch_stats)`:
+The pure functions (`batch_norm`, `batch_renorm`, `instance_renorm`) take the
+input, the parameters and the running statistics and return the output with the
+new running statistics, so they fit any training loop, under `jit`, `grad`,
+`vmap`, `pmap` and `shard_map`:
 
     y, batch_stats = jaxrenorm.batch_renorm(x, params, batch_stats, use_running_average=False)
 
-and Flax linen modules (`jaxrenorm.linen.BatchNorm`, a drop-in for
-`flax.linen.BatchNorm`, `jaxrenorm.linen.BatchRenorm` and
-`jaxrenorm.linen.InstanceRenorm`) with their Flax NNX counterparts in
-`jaxrenorm.nnx`.
+The Flax modules are in `jaxrenorm.linen` and `jaxrenorm.nnx`, the r_max / d_max
+ramps in `jaxrenorm.schedules`, PyTorch conversion in `jaxrenorm.interop`. The
+tools of `jaxrenorm.tools` (`recalibrate`, `pool_moments`, `fold_batch_norm`,
+`batch_dependence`, `collect_diagnostics`) are exported here too.
 """
 
 from jaxrenorm import interop, linen, nnx, schedules

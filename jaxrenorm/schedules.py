@@ -93,10 +93,17 @@ class _Named:
         return f"jaxrenorm.schedules.{self._name}"
 
 
-#: The paper's r_max schedule: 1 until step 5,000, then linear to 3 at step 40,000.
 PAPER_R_MAX: optax.Schedule = _Named(r_max_schedule(), "PAPER_R_MAX")
-#: The paper's d_max schedule: 0 until step 5,000, then linear to 5 at step 25,000.
+"""The paper's r_max schedule: 1 until step 5,000, then linear to 3 at step 40,000.
+
+The default `r_max` of the `BatchRenorm` and `InstanceRenorm` modules.
+"""
+
 PAPER_D_MAX: optax.Schedule = _Named(d_max_schedule(), "PAPER_D_MAX")
+"""The paper's d_max schedule: 0 until step 5,000, then linear to 5 at step 25,000.
+
+The default `d_max` of the `BatchRenorm` and `InstanceRenorm` modules.
+"""
 
 
 def scaled_paper_schedules(
