@@ -3,20 +3,17 @@
 import importlib
 import pathlib
 import re
-import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def test_bench_quick_prints_the_full_table():
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    ).stdout
+def test_bench_quick_prints_the_full_table(monkeypatch, capsys):
+    """In process (no new interpreter, no second import of JAX)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--quick"])
+    importlib.import_module("bench").main()
+    out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "x (" in line]
     # 2 shapes x 2 dtypes x 3 implementations, each with 3 timed passes and memory.
     assert len(rows) == 12, out
