@@ -361,6 +361,17 @@ def check_overrides(overrides: Mapping[str, Any], accepted: Sequence[str], targe
         )
 
 
+def check_sbx_fields(fields: Mapping[str, Any], accepted: Sequence[str]) -> None:
+    """`interop.sbx_batch_renorm` takes the arguments of sbx's BatchRenorm layer."""
+    unknown = sorted(set(fields) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"sbx_batch_renorm got {', '.join(f'`{name}`' for name in unknown)}, which sbx's "
+            "BatchRenorm does not take; it takes `use_running_average`, `momentum`, "
+            f"`warmup_steps` and {', '.join(f'`{name}`' for name in accepted)}."
+        )
+
+
 # --- PyTorch state dicts ------------------------------------------------------
 
 

@@ -1,12 +1,16 @@
-"""PyTorch interoperability: BatchNorm state dicts and momentum conventions.
+"""Interoperability: PyTorch's BatchNorm layers, and sbx's BatchRenorm layer.
 
-PyTorch's `BatchNorm{1,2,3}d` keeps `weight` (scale), `bias`, `running_mean`,
+PyTorch's `BatchNorm1d/2d/3d` keeps `weight` (scale), `bias`, `running_mean`,
 `running_var` (updated with the unbiased batch variance) and
 `num_batches_tracked`, and its momentum weighs the *new* batch:
 running = (1 - m) * running + m * batch, m = 0.1. Flax and jaxrenorm weigh the old
 value: running = m * running + (1 - m) * batch, m = 0.99. To reproduce a PyTorch
 layer: `momentum=momentum_from_torch(m)`, `epsilon=eps`, `bessel_correction=True`,
 and `axis=1` for NCHW inputs. torch is never imported here.
+
+Stable Baselines in JAX (sbx) ships its own linen Batch Renormalization layer for
+its CrossQ agent; `sbx_batch_renorm` builds jaxrenorm's layer from that layer's
+arguments. sbx is never imported here either.
 """
 
 from __future__ import annotations
@@ -17,14 +21,21 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from jaxrenorm import linen, schedules
 from jaxrenorm._checks import (
+    check_sbx_fields,
     check_scalar,
     check_state_dict,
     check_state_dict_entries,
     check_torch_momentum,
 )
 
-__all__ = ["from_torch_batch_norm", "momentum_from_torch", "momentum_to_torch"]
+__all__ = [
+    "from_torch_batch_norm",
+    "momentum_from_torch",
+    "momentum_to_torch",
+    "sbx_batch_renorm",
+]
 
 
 def momentum_from_torch(momentum: float) -> float:
@@ -111,3 +122,89 @@ def from_torch_batch_norm(
     arrays = {names[k]: jnp.asarray(v, jnp.float32) for k, v in entries.items()}
     params = {k: arrays[k] for k in ("scale", "bias") if k in arrays}
     return params, {"mean": arrays["mean"], "var": arrays["var"]}
+
+
+# --- Stable Baselines in JAX (sbx) ------------------------------------------------
+
+# sbx.common.jax_layers.BatchRenorm's fields besides `use_running_average`,
+# `momentum` and `warmup_steps`, and the two every Flax module takes.
+_SBX_FIELDS = (
+    "axis",
+    "epsilon",
+    "dtype",
+    "param_dtype",
+    "use_bias",
+    "use_scale",
+    "bias_init",
+    "scale_init",
+    "axis_name",
+    "axis_index_groups",
+    "parent",
+    "name",
+)
+
+
+def sbx_batch_renorm(
+    use_running_average: bool | None = None,
+    *,
+    momentum: float = 0.99,
+    warmup_steps: int = 100_000,
+    **fields: Any,
+) -> linen.BatchRenorm:
+    """`jaxrenorm.linen.BatchRenorm` configured as sbx's `BatchRenorm` layer intends.
+
+    Stable Baselines in JAX (sbx, used by its CrossQ agent) ships its own linen
+    layer, `sbx.common.jax_layers.BatchRenorm`. This takes that layer's
+    constructor arguments with its defaults and returns jaxrenorm's layer doing
+    the same thing with the paper's math: plain BatchNorm while the layer's
+    `steps` counter (its number of training calls) is below `warmup_steps`,
+    then Batch Renormalization with r_max = 3 and d_max = 5, a hard switch
+    (both bounds are step schedules), and `epsilon` 1e-3 unless given. Use it
+    wherever sbx's class is built, e.g. `functools.partial(sbx_batch_renorm,
+    use_running_average=not train, momentum=..., warmup_steps=...)`; the
+    parameters and statistics have the same names and shapes.
+
+    What differs from sbx's layer, where it departs from the paper: sbx
+    normalizes with the batch standard deviation without epsilon inside the
+    renorm correction, so its training output is not its inference output even
+    unclipped, and a feature that is constant over the batch gives NaN input
+    gradients. Here y = scale * ((x - mu_B) / s_B * r + d) + bias with
+    s_B = sqrt(var_B + epsilon), as in `jaxrenorm.batch_renorm`.
+
+    Checkpoints: an sbx layer's `batch_stats` (`mean`, `var`, `steps`, and the
+    constants `r_max` and `d_max`, which this layer leaves alone) load as they
+    are, for evaluation and for continued training, with the `steps` count
+    carried over. The other way, sbx's layer expects `r_max` and `d_max` in
+    each layer's `batch_stats`: add `"r_max": 3, "d_max": 5` to a jaxrenorm
+    layer's statistics before loading them into sbx.
+
+    Args:
+      use_running_average: as in `jaxrenorm.linen.BatchRenorm` (and sbx).
+      momentum: decay rate of the running statistics, as in sbx and Flax.
+      warmup_steps: the number of training calls that use plain BatchNorm
+        before Batch Renormalization starts (sbx's default 100,000), >= 0.
+      **fields: any other argument of sbx's layer (`axis`, `epsilon`,
+        `dtype`, `param_dtype`, `use_bias`, `use_scale`, `bias_init`,
+        `scale_init`, `axis_name`, `axis_index_groups`) or Flax's `name` and
+        `parent`; anything else is a `TypeError` naming it.
+
+    Returns:
+      A `jaxrenorm.linen.BatchRenorm`.
+
+    Examples:
+      >>> import jax, jaxrenorm
+      >>> layer = jaxrenorm.interop.sbx_batch_renorm(use_running_average=False, warmup_steps=2)
+      >>> x = jax.random.normal(jax.random.key(0), (16, 3))
+      >>> variables = layer.init(jax.random.key(1), x)
+      >>> layer.epsilon, float(layer.r_max(1)), float(layer.r_max(2))
+      (0.001, 1.0, 3.0)
+    """
+    check_sbx_fields(fields, _SBX_FIELDS)
+    fields.setdefault("epsilon", 1e-3)
+    return linen.BatchRenorm(
+        use_running_average=use_running_average,
+        momentum=momentum,
+        r_max=schedules.r_max_schedule(3.0, begin=warmup_steps, end=warmup_steps),
+        d_max=schedules.d_max_schedule(5.0, begin=warmup_steps, end=warmup_steps),
+        **fields,
+    )

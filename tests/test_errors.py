@@ -323,6 +323,7 @@ TRIGGERS = {
     "convert-override": [
         lambda: jaxrenorm.nnx.convert(nnx.BatchNorm(2, rngs=nnx.Rngs(0)), r_maxx=3.0)
     ],
+    "sbx-unknown-argument": [lambda: jaxrenorm.interop.sbx_batch_renorm(warmup=3)],
     "recalibrate-no-layer": [
         _exhausted_recalibrate,
         lambda: jaxrenorm.nnx.recalibrate(nnx.BatchNorm(4, rngs=nnx.Rngs(0)), [X]),
