@@ -9,3 +9,23 @@ import os
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+
+# The longest tests (see the `--durations` report of .ci/run) are handed out first,
+# so that at the end of a parallel run no worker is left alone with one of them.
+_LONGEST_FIRST = (
+    "test_small_batches_quick",
+    "test_bench_quick_prints_the_full_table",
+    "[guides/nnx.md]",
+    "[troubleshooting.md]",
+    "[guides/training-loops.md]",
+    "test_resumed_training_is_bit_identical",
+    "test_convert_flax_model_to_batch_norm_changes_no_output_or_training_step",
+    "test_linen_scan_over_blocks_equals_the_unrolled_stack",
+    "test_data_parallel_runs_both_modes",
+    "test_instance_renorm_module_trains_like_the_reference",
+)
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: not any(name in item.nodeid for name in _LONGEST_FIRST))
