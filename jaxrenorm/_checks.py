@@ -351,24 +351,18 @@ def check_convert_target(to: Any, bases: tuple[type, ...]) -> None:
         )
 
 
-def check_overrides(overrides: Mapping[str, Any], accepted: Sequence[str], target: str) -> None:
-    """`jaxrenorm.nnx.convert`'s overrides are constructor arguments of the new layers."""
-    unknown = sorted(set(overrides) - set(accepted))
+def check_known_arguments(
+    given: Mapping[str, Any], accepted: Sequence[str], caller: str, target: str, takes: str
+) -> None:
+    """Keyword arguments passed on to a constructor are among those it accepts.
+
+    `caller` got them, `target` would not take them, and `takes` says what it does take.
+    """
+    unknown = sorted(set(given) - set(accepted))
     if unknown:
         raise TypeError(
-            f"convert got {', '.join(f'`{name}`' for name in unknown)}, which {target} does not "
-            f"take; the overrides are its constructor arguments: {', '.join(sorted(accepted))}."
-        )
-
-
-def check_sbx_fields(fields: Mapping[str, Any], accepted: Sequence[str]) -> None:
-    """`interop.sbx_batch_renorm` takes the arguments of sbx's BatchRenorm layer."""
-    unknown = sorted(set(fields) - set(accepted))
-    if unknown:
-        raise TypeError(
-            f"sbx_batch_renorm got {', '.join(f'`{name}`' for name in unknown)}, which sbx's "
-            "BatchRenorm does not take; it takes `use_running_average`, `momentum`, "
-            f"`warmup_steps` and {', '.join(f'`{name}`' for name in accepted)}."
+            f"{caller} got {', '.join(f'`{name}`' for name in unknown)}, which {target} does "
+            f"not take; {takes}."
         )
 
 

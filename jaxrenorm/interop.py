@@ -23,7 +23,7 @@ import numpy as np
 
 from jaxrenorm import linen, schedules
 from jaxrenorm._checks import (
-    check_sbx_fields,
+    check_known_arguments,
     check_scalar,
     check_state_dict,
     check_state_dict_entries,
@@ -199,7 +199,14 @@ def sbx_batch_renorm(
       >>> layer.epsilon, float(layer.r_max(1)), float(layer.r_max(2))
       (0.001, 1.0, 3.0)
     """
-    check_sbx_fields(fields, _SBX_FIELDS)
+    check_known_arguments(
+        fields,
+        _SBX_FIELDS,
+        "sbx_batch_renorm",
+        "sbx's BatchRenorm",
+        "it takes `use_running_average`, `momentum`, `warmup_steps` and "
+        + ", ".join(f"`{name}`" for name in _SBX_FIELDS),
+    )
     fields.setdefault("epsilon", 1e-3)
     return linen.BatchRenorm(
         use_running_average=use_running_average,

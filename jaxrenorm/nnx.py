@@ -27,7 +27,7 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes
 
 from jaxrenorm import schedules
-from jaxrenorm._checks import check_convert_target, check_layout, check_overrides
+from jaxrenorm._checks import check_convert_target, check_known_arguments, check_layout
 from jaxrenorm._docs import documents
 from jaxrenorm._layers import (
     DIAGNOSTICS,
@@ -330,7 +330,14 @@ def convert(model: Any, to: type = BatchRenorm, **overrides: Any) -> Any:
     """
     check_convert_target(to, _LAYERS)
     accepted = _constructor_arguments(to)
-    check_overrides(overrides, [name for name in accepted if name != "num_features"], to.__name__)
+    arguments = [name for name in accepted if name != "num_features"]
+    check_known_arguments(
+        overrides,
+        arguments,
+        "convert",
+        to.__name__,
+        f"the overrides are its constructor arguments: {', '.join(sorted(arguments))}",
+    )
     rngs = overrides.pop("rngs", None) or nnx.Rngs(0)
     new: dict[int, Any] = {}  # id(old layer) -> its replacement
 
