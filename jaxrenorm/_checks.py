@@ -218,6 +218,8 @@ def check_floating_dtype(dtype: Any, name: str = "dtype") -> None:
 
 def _concrete(value: Any) -> float | None:
     """The Python value of a concrete scalar, or None when it is traced."""
+    if isinstance(value, jax.core.Tracer):  # cheaper than the error float() raises
+        return None
     try:
         return float(value)
     except (TypeError, jax.errors.ConcretizationTypeError):

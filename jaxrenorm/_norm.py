@@ -37,7 +37,7 @@ it concerns. The modules pass every field they hold under an `Options` name
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -545,11 +545,27 @@ def _train(
     # of keeping them: the layer is memory-bound, so recomputing an elementwise
     # expression inside the backward's fused loops is free, and storing it is not.
     # Only per-feature values are saved (see `_save_per_feature`).
-    forward = jax.checkpoint(
-        functools.partial(_train_forward, plan), policy=_save_per_feature, prevent_cse=True
-    )
-    y, moments, terms = forward(x, per_feature, mask, bounds)
+    y, moments, terms = _checkpointed_forward(plan)(x, per_feature, mask, bounds)
     return (y if group is None else _merge_groups(y)), moments, terms
+
+
+def _checkpointed_forward(plan: Plan) -> Callable[..., Any]:
+    """`_train_forward` for `plan` under `jax.checkpoint`, one function object per plan.
+
+    JAX caches the traced, differentiated and transposed forward pass by the
+    identity of the function it was given, so layers that share a plan and shapes
+    (most layers of a network) are traced and differentiated once, not once each.
+    """
+    try:
+        return _checkpointed_forward_cached(plan, _save_per_feature)
+    except TypeError:  # an unhashable setting (e.g. axis_index_groups as lists)
+        return _checkpointed_forward_cached.__wrapped__(plan, _save_per_feature)
+
+
+@functools.lru_cache(maxsize=256)
+def _checkpointed_forward_cached(plan: Plan, policy: Callable[..., bool]) -> Callable[..., Any]:
+    forward = functools.partial(_train_forward, plan)
+    return jax.checkpoint(forward, policy=policy, prevent_cse=True)
 
 
 def _train_forward(
@@ -631,8 +647,12 @@ def _coefficients(
     if bounds is None:
         a, b = inv_std, None
     else:
-        terms = _renorm_terms(plan, moments, per_feature, bounds)
+        terms = _renorm_terms(plan, moments, per_feature, bounds, inv_std)
         a, b = inv_std * terms.r, terms.d
+    # Saved before the scale is applied: the gradient of the scale needs them, and
+    # recomputing them (the renorm terms in particular) would repeat their
+    # operations in the backward pass.
+    a, b = _keep(a), _keep(b)
     if per_feature.scale is not None:
         a = a * per_feature.scale
         b = None if b is None else b * per_feature.scale
@@ -645,22 +665,40 @@ def _coefficients(
 
 
 def _renorm_terms(
-    plan: Plan, moments: Moments, per_feature: PerFeature, bounds: tuple[Any, Any]
+    plan: Plan,
+    moments: Moments,
+    per_feature: PerFeature,
+    bounds: tuple[Any, Any],
+    inv_std: jax.Array,
 ) -> RenormTerms:
     """r = s_B / s and d = (mean_B - mean) / s against the running statistics, clipped.
 
-    Both are constants for differentiation (the paper's stop_gradient).
+    Both are constants for differentiation (the paper's stop_gradient). `inv_std`
+    is 1 / s_B, so s_B = (var_B + eps) * inv_std needs no second square root.
     """
     r_max, d_max = bounds
     inv_run_std = lax.rsqrt(per_feature.var + plan.epsilon)
-    r = lax.stop_gradient(jnp.sqrt(moments.var + plan.epsilon) * inv_run_std)
+    r = lax.stop_gradient((moments.var + plan.epsilon) * inv_std * inv_run_std)
     d = lax.stop_gradient(((moments.shift - per_feature.mean) + moments.offset) * inv_run_std)
-    return RenormTerms(
-        r=jnp.clip(r, 1.0 / r_max, r_max),
-        d=jnp.clip(d, -d_max, d_max),
-        r_unclipped=r,
-        d_unclipped=d,
+    clipped_r, clipped_d = _materialized(
+        jnp.clip(r, 1.0 / r_max, r_max), jnp.clip(d, -d_max, d_max)
     )
+    return RenormTerms(r=clipped_r, d=clipped_d, r_unclipped=r, d_unclipped=d)
+
+
+def _materialized(*values: jax.Array) -> tuple[jax.Array, ...]:
+    """The values (of one shape), computed together into a buffer of their own.
+
+    XLA:CPU fuses cheap per-feature expressions into every full-size loop that
+    reads them, so the renorm terms (with the schedules behind their bounds) were
+    compiled into each forward and backward kernel of the layer, several times
+    over: large kernels, slow to compile. A reduction is never fused into its
+    consumers, and max(v, -inf) is v exactly (NaN included). For values without
+    a gradient (the renorm terms are constants for differentiation).
+    """
+    stacked = jnp.stack(values)
+    floor = jnp.full_like(stacked, -jnp.inf)
+    return tuple(jnp.max(jnp.stack([stacked, floor]), axis=0))
 
 
 def _affine_output(
