@@ -10,7 +10,7 @@ new running statistics, so they fit any training loop, under `jit`, `grad`,
 The Flax modules are in `jaxrenorm.linen` and `jaxrenorm.nnx`, the r_max / d_max
 ramps in `jaxrenorm.schedules`, PyTorch conversion in `jaxrenorm.interop`. The
 tools of `jaxrenorm.tools` (`recalibrate`, `pool_moments`, `fold_batch_norm`,
-`batch_dependence`, `collect_diagnostics`) are exported here too.
+`batch_dependence`, `collect_diagnostics`, `sync_batch_stats`) are exported here too.
 """
 
 from jaxrenorm import interop, linen, nnx, schedules
@@ -22,6 +22,7 @@ from jaxrenorm.tools import (
     fold_batch_norm,
     pool_moments,
     recalibrate,
+    sync_batch_stats,
 )
 
 __version__ = "0.1.0"
@@ -41,4 +42,5 @@ __all__ = [
     "pool_moments",
     "recalibrate",
     "schedules",
+    "sync_batch_stats",
 ]

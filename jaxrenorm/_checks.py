@@ -305,17 +305,51 @@ def check_ramp(begin: int, end: int, name: str) -> None:
 # --- modules and tools --------------------------------------------------------
 
 
-def check_statistics_present(layer: str, missing: Sequence[str], x_shape: tuple[int, ...]) -> None:
+def check_statistics_present(
+    layer: str, missing: Sequence[str], x_shape: tuple[int, ...], others: Sequence[str] = ()
+) -> None:
     """A linen layer applied to variables without its running statistics.
 
     Flax would silently start them from 0 and 1 when the collection is mutable:
-    a checkpoint that lost its statistics must not train on.
+    a checkpoint that lost its statistics must not train on. `others` are layers
+    of another class in the same scope with statistics of this layer's shape.
     """
     if missing:
+        hint = (
+            f" Found {', '.join(others)} with statistics of this shape in the same scope: a "
+            "checkpoint of a model built with another normalization layer (e.g. "
+            "flax.linen.BatchNorm), whose layers without a name are named after their class? "
+            "jaxrenorm.linen.convert_variables(variables, model.init(...)) maps them (see "
+            "the guide 'Migrating from flax.linen.BatchNorm')."
+            if others
+            else ""
+        )
         raise ValueError(
             f"{layer}: the variables passed to `apply` have no batch_stats {list(missing)} for "
             f"this layer (input shape {x_shape}). Pass the variables returned by `init` or "
-            "restored from a checkpoint, including the 'batch_stats' collection."
+            f"restored from a checkpoint, including the 'batch_stats' collection.{hint}"
+        )
+
+
+def check_step_count(shape: tuple[int, ...], dtype: Any) -> None:
+    """A renorm layer's `steps` counter: a real scalar (int32, or a float read as an integer)."""
+    if shape != () or not (
+        jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+    ):
+        raise TypeError(
+            f"batch_stats `steps` must be a real scalar (the layer's training-step counter), "
+            f"got shape {shape} and dtype {jnp.dtype(dtype).name}."
+        )
+
+
+def check_converted_variables(problems: Sequence[str]) -> None:
+    """`convert_variables` refuses what it cannot map, naming every path."""
+    if problems:
+        listed = "\n  ".join(problems)
+        raise ValueError(
+            f"convert_variables cannot map these variables onto the target:\n  {listed}\n"
+            "Normalization layers without a name are paired in order of creation within "
+            "each scope; every other variable must have the same path on both sides."
         )
 
 

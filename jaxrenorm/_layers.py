@@ -21,7 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxrenorm._checks import Layout
+from jaxrenorm._checks import Layout, check_step_count
 from jaxrenorm._norm import Options, RenormTerms, _normalize
 
 Bound = float | Callable[[jax.Array], jax.Array]
@@ -50,6 +50,20 @@ def renorm_diagnostics(terms: RenormTerms) -> dict[str, jax.Array]:
 def bounds_at(r_max: Bound, d_max: Bound, step: jax.Array) -> tuple[Any, Any]:
     """The renorm bounds at training step `step`: each a constant or a schedule's value."""
     return tuple(bound(step) if callable(bound) else bound for bound in (r_max, d_max))
+
+
+def step_count(steps: Any) -> jax.Array:
+    """The `steps` counter as int32; a floating-point one is read as the nearest integer.
+
+    Loops that average the whole `batch_stats` tree with `lax.pmean` (the pattern
+    of Flax's examples) hand the counter back as a float; it is written back as
+    int32 by the next training call.
+    """
+    steps = jnp.asarray(steps)
+    check_step_count(steps.shape, steps.dtype)
+    if jnp.issubdtype(steps.dtype, jnp.floating):
+        steps = jnp.round(steps)
+    return steps.astype(jnp.int32)
 
 
 def is_scheduled(r_max: Bound, d_max: Bound) -> bool:

@@ -23,10 +23,18 @@ from flax.linen.module import merge_param
 from jaxrenorm import schedules
 from jaxrenorm._checks import Axes, Layout, check_layout, check_statistics_present
 from jaxrenorm._docs import documents
-from jaxrenorm._layers import Bound, bounds_at, is_scheduled, normalize_layer, renorm_diagnostics
+from jaxrenorm._layers import (
+    Bound,
+    bounds_at,
+    is_scheduled,
+    normalize_layer,
+    renorm_diagnostics,
+    step_count,
+)
 from jaxrenorm._norm import RenormTerms
+from jaxrenorm._variables import automatic_norm_names, convert_tree
 
-__all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm"]
+__all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm", "convert_variables"]
 
 Initializer = Callable[..., jax.Array]
 
@@ -109,12 +117,29 @@ class _Normalization(nn.Module):
         if not self.is_initializing():
             missing = [n for n in ("mean", "var") if not self.has_variable("batch_stats", n)]
             layer = "(the top-level module)" if self.name is None else repr(self.name)
-            check_statistics_present(f"{type(self).__name__} {layer}", missing, layout.shape)
+            others = self._other_layers_statistics(layout) if missing else []
+            check_statistics_present(
+                f"{type(self).__name__} {layer}", missing, layout.shape, others
+            )
         # Flax keeps the running statistics in float32 unless told otherwise.
         dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
         mean = self.variable("batch_stats", "mean", jnp.zeros, layout.feature_shape, dtype)
         var = self.variable("batch_stats", "var", jnp.ones, layout.feature_shape, dtype)
         return mean, var
+
+    def _other_layers_statistics(self, layout: Layout) -> list[str]:
+        """Normalization layers of another class, named automatically, with statistics
+        of this layer's shape in the same scope: what a checkpoint of a model built
+        with another kind of layer (e.g. flax.linen.BatchNorm) holds."""
+        if not isinstance(self.parent, nn.Module):
+            return []
+        scope = self.parent.variables.get("batch_stats", {})
+        return [
+            name
+            for name in automatic_norm_names(list(scope))
+            if not name.startswith(f"{type(self).__name__}_")
+            and jnp.shape(scope[name].get("mean")) == layout.feature_shape
+        ]
 
     def _bounds(self) -> tuple[Any, Any]:
         """This call's renorm bounds (r_max, d_max); (None, None) is plain BatchNorm."""
@@ -192,12 +217,13 @@ class BatchRenorm(_Normalization):
         if self._counts_steps() and (
             self.has_variable("batch_stats", "steps") or self.is_mutable_collection("batch_stats")
         ):
-            step = self.variable("batch_stats", "steps", jnp.zeros, (), jnp.int32).value
+            steps = self.variable("batch_stats", "steps", jnp.zeros, (), jnp.int32).value
+            step = step_count(steps)
         return bounds_at(self.r_max, self.d_max, step)
 
     def _after_training_call(self, terms: RenormTerms | None) -> None:
         if self._counts_steps():
-            steps = self.get_variable("batch_stats", "steps")
+            steps = step_count(self.get_variable("batch_stats", "steps"))
             self.put_variable("batch_stats", "steps", steps + 1)
         if self.diagnostics:
             for name, value in renorm_diagnostics(terms).items():
@@ -235,3 +261,57 @@ class InstanceRenorm(BatchRenorm):
 
     def _gate(self, feature_shape: tuple[int, ...]) -> jax.Array:
         return self.param("rho", self.rho_init, feature_shape, self.param_dtype)
+
+
+def convert_variables(variables: Any, target: Any) -> Any:
+    """A checkpoint of one model's normalization layers, fitted to another model's.
+
+    Flax names a layer created without a name after its class and its order in
+    the scope: a model built with `flax.linen.BatchNorm` stores `BatchNorm_0`,
+    `BatchNorm_1`, ..., and the same model built with `BatchRenorm` expects
+    `BatchRenorm_0`, `BatchRenorm_1`, .... This pairs the normalization layers
+    without a name (`BatchNorm_i`, `BatchRenorm_i`, `InstanceRenorm_i`) by their
+    order of creation within each scope, and every other variable by its path;
+    a layer's variables that only the target's kind has are added (`steps` = 0,
+    `rho` as `target` holds it, i.e. its initial value), those only the source's
+    kind has are dropped (`steps`, `rho`: a gate dropped is instance
+    normalization given up). Works both ways between `flax.linen.BatchNorm`,
+    `BatchNorm`, `BatchRenorm` and `InstanceRenorm`, and on any pytree that holds
+    such scopes (a `TrainState`'s parameters, `batch_stats` and optimizer state,
+    as an orbax restore without a target returns them). A `steps` counter stored
+    as a float (averaged by `lax.pmean`) comes back as int32.
+
+    Within a scope that holds layers of one class, the order is the index of the
+    names; within one that mixes classes, it is the order of the dict, which is
+    the order of creation in what `init` returns and in Flax's checkpoints.
+
+    Args:
+      variables: the source, e.g. a restored checkpoint (`{"params": ...,
+        "batch_stats": ...}` or a whole training state).
+      target: the same structure for the model that will use them, e.g.
+        `model.init(...)`; only its structure, shapes and the initial values of
+        added variables are used.
+
+    Returns:
+      `variables`' values in `target`'s structure.
+
+    Raises:
+      ValueError: listing every path it cannot map (a variable on one side only,
+        different shapes, a different number of unnamed normalization layers in a
+        scope).
+
+    Examples:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxrenorm
+      >>> class Net(nn.Module):
+      ...     norm: type
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         return self.norm(use_running_average=True)(nn.Dense(3)(x))
+      >>> x = jnp.ones((4, 2))
+      >>> flax_vars = Net(nn.BatchNorm).init(jax.random.key(0), x)
+      >>> brn_vars = Net(jaxrenorm.linen.BatchRenorm).init(jax.random.key(0), x)
+      >>> converted = jaxrenorm.linen.convert_variables(flax_vars, brn_vars)
+      >>> sorted(converted["batch_stats"]["BatchRenorm_0"])
+      ['mean', 'steps', 'var']
+    """
+    return convert_tree(variables, target)

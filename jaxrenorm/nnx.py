@@ -36,6 +36,7 @@ from jaxrenorm._layers import (
     is_scheduled,
     normalize_layer,
     renorm_diagnostics,
+    step_count,
 )
 from jaxrenorm._norm import RenormTerms
 from jaxrenorm.tools import (
@@ -236,12 +237,13 @@ class BatchRenorm(BatchNorm):
             self.diagnostics_values = nnx.Intermediate(dict.fromkeys(DIAGNOSTICS, zero))
 
     def _bounds(self) -> tuple[Any, Any]:
-        step = None if self.steps is None else self.steps[...]
+        step = None if self.steps is None else step_count(self.steps[...])
         return bounds_at(self.r_max, self.d_max, step)
 
     def _after_training_call(self, terms: RenormTerms | None) -> None:
         if self.steps is not None:
-            self.steps[...] = self.steps[...] + 1
+            # set_value, not [...] =, which would keep a float counter's dtype.
+            self.steps.set_value(step_count(self.steps[...]) + 1)
         if self.diagnostics:
             self.diagnostics_values = nnx.Intermediate(renorm_diagnostics(terms))
 

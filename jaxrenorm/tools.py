@@ -34,6 +34,7 @@ __all__ = [
     "fold_batch_norm",
     "pool_moments",
     "recalibrate",
+    "sync_batch_stats",
 ]
 
 
@@ -446,3 +447,43 @@ def batch_dependence(
         alone = jnp.asarray(apply_fn(jnp.repeat(x[i : i + 1], n, axis=0)))
         worst = max(worst, float(jnp.max(jnp.abs(alone[0] - base[i]))))
     return worst / scale
+
+
+def sync_batch_stats(batch_stats: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
+    """The running statistics averaged over the devices of `axis_name`; counters left exact.
+
+    For data-parallel loops that average `batch_stats` after each step, as Flax's
+    examples do with `lax.pmean(batch_stats, "batch")`: `lax.pmean` divides, so
+    it turns BatchRenorm's int32 `steps` counter into a float (exact only up to
+    2**24, and a change of dtype that compiles the step a second time). This
+    averages the floating-point leaves and returns the integer and boolean ones
+    as they are (every device counts the same steps). Call it inside `pmap` or
+    `shard_map`, where `axis_name` is bound.
+
+    With `axis_name` set on the layers, the batch statistics are already computed
+    over all devices, so the running statistics are identical everywhere and need
+    no averaging at all; this is for layers without it (each device normalizing
+    by its own batch) whose running statistics should agree.
+
+    Args:
+      batch_stats: the `batch_stats` collection (any pytree of arrays).
+      axis_name: the mapped axis (or tuple of axes) to average over.
+      axis_index_groups: as in `lax.pmean`.
+
+    Returns:
+      A tree like `batch_stats`, floating-point leaves averaged.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxrenorm
+      >>> stats = {"mean": jnp.arange(2.0)[:, None], "steps": jnp.array([3, 3])}
+      >>> synced = jax.vmap(lambda s: jaxrenorm.sync_batch_stats(s, "i"), axis_name="i")(stats)
+      >>> synced["mean"].ravel().tolist(), synced["steps"].dtype.name
+      ([0.5, 0.5], 'int32')
+    """
+
+    def sync(leaf: Any) -> Any:
+        if not jnp.issubdtype(jnp.result_type(leaf), jnp.inexact):
+            return leaf
+        return jax.lax.pmean(leaf, axis_name, axis_index_groups=axis_index_groups)
+
+    return jax.tree_util.tree_map(sync, batch_stats)

@@ -196,6 +196,19 @@ def _brn(**kw):
     return lambda: _call(jaxrenorm.batch_renorm, **kw)
 
 
+def _renorm_with_steps_linen(steps):
+    layer = jaxrenorm.linen.BatchRenorm(use_running_average=False)
+    variables = layer.init(_KEY, X)
+    variables["batch_stats"]["steps"] = steps
+    return layer.apply(variables, X, mutable=["batch_stats"])
+
+
+def _renorm_with_steps_nnx(steps):
+    layer = jaxrenorm.nnx.BatchRenorm(X.shape[-1], rngs=nnx.Rngs(0))
+    layer.steps = nnx.BatchStat(steps)
+    return layer(X)
+
+
 def _exhausted_recalibrate():
     batches = iter([X])
     list(batches)  # e.g. a generator already used up by a previous epoch
@@ -324,6 +337,15 @@ TRIGGERS = {
         lambda: jaxrenorm.nnx.convert(nnx.BatchNorm(2, rngs=nnx.Rngs(0)), r_maxx=3.0)
     ],
     "sbx-unknown-argument": [lambda: jaxrenorm.interop.sbx_batch_renorm(warmup=3)],
+    "steps-not-real-scalar": [
+        lambda: _renorm_with_steps_linen(jnp.zeros((8,), jnp.int32)),
+        lambda: _renorm_with_steps_nnx(jnp.array(True)),
+    ],
+    "convert-variables-unmapped": [
+        lambda: jaxrenorm.linen.convert_variables(
+            {"params": {"Dense_0": {}}}, {"params": {"Dense_1": {}}}
+        )
+    ],
     "recalibrate-no-layer": [
         _exhausted_recalibrate,
         lambda: jaxrenorm.nnx.recalibrate(nnx.BatchNorm(4, rngs=nnx.Rngs(0)), [X]),
