@@ -1,0 +1,186 @@
+"""Compile time of a ResNet-18 training step with each normalization layer.
+
+The step is what Flax's ImageNet example compiles: a ResNet-18 (here the
+CIFAR-style one, 3x3 stem, on 32x32 images) in training mode, cross-entropy,
+`value_and_grad`, an optax SGD update and the new `batch_stats`, under `jax.jit`.
+Each measurement starts from empty caches (`jax.clear_caches()`), as a fresh
+process would, and splits the time into tracing and lowering to StableHLO
+("trace") and XLA's compilation ("XLA"). The layers take turns within each round
+(order shuffled with a fixed seed) and each cell is the median over rounds, so
+that machine noise hits them alike. The compiled step's run time (median of
+interleaved calls) and temporary memory are reported beside it, so that compile
+time is not bought with either.
+
+Run: `python benchmarks/compile_time.py` (about two minutes on 2 CPU cores) or
+`--quick` (a narrow ResNet with one block per stage, one round: only proves it
+runs). Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import platform
+import time
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import jaxrenorm
+
+LAYERS: dict[str, Callable[..., nn.Module]] = {
+    "flax.linen.BatchNorm": nn.BatchNorm,
+    "jaxrenorm BatchNorm": jaxrenorm.linen.BatchNorm,
+    "jaxrenorm BatchRenorm": jaxrenorm.linen.BatchRenorm,  # the paper's schedules
+    "jaxrenorm InstanceRenorm": jaxrenorm.linen.InstanceRenorm,
+}
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convolutions with a residual connection (a 1x1 projection when the shape changes)."""
+
+    filters: int
+    norm: Callable[..., nn.Module]
+    strides: int = 1
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        conv = functools.partial(nn.Conv, use_bias=False)
+        y = nn.relu(self.norm()(conv(self.filters, (3, 3), self.strides)(x)))
+        y = self.norm(scale_init=nn.initializers.zeros)(conv(self.filters, (3, 3))(y))
+        if x.shape != y.shape:
+            x = self.norm()(conv(self.filters, (1, 1), self.strides)(x))
+        return nn.relu(x + y)
+
+
+class ResNet(nn.Module):
+    """A ResNet for 32x32 images; `stages` blocks per stage, `width` filters in the first."""
+
+    norm: Callable[..., nn.Module]
+    stages: tuple[int, ...] = (2, 2, 2, 2)
+    width: int = 64
+    classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        norm = functools.partial(
+            self.norm, use_running_average=not train, momentum=0.9, epsilon=1e-5
+        )
+        x = nn.relu(norm()(nn.Conv(self.width, (3, 3), use_bias=False)(x)))
+        for i, blocks in enumerate(self.stages):
+            for j in range(blocks):
+                strides = 2 if i > 0 and j == 0 else 1
+                x = BasicBlock(self.width * 2**i, norm, strides)(x)
+        return nn.Dense(self.classes)(jnp.mean(x, axis=(1, 2)))
+
+
+def train_step(model: nn.Module, tx: optax.GradientTransformation):
+    """The training step of Flax's ImageNet example, on one device."""
+
+    def step(params, batch_stats, opt_state, images, labels):
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": batch_stats},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+            return loss, updates["batch_stats"]
+
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
+    return step
+
+
+def measure(layer: Callable[..., nn.Module], model_args: dict, batch: tuple) -> dict:
+    """Trace + lower and XLA compile seconds of one step, from empty caches, and the program."""
+    model = ResNet(layer, **model_args)
+    tx = optax.sgd(0.1, momentum=0.9, nesterov=True)
+    variables = model.init(jax.random.key(0), batch[0], train=False)
+    args = (variables["params"], variables["batch_stats"], tx.init(variables["params"]), *batch)
+    jax.clear_caches()
+    start = time.perf_counter()
+    lowered = jax.jit(train_step(model, tx)).lower(*args)
+    traced = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
+    return {"trace": traced - start, "xla": done - traced, "compiled": compiled, "args": args}
+
+
+def run(model_args: dict, batch_size: int, rounds: int, step_rounds: int) -> str:
+    key_x, key_y = jax.random.split(jax.random.key(1))
+    images = jax.random.normal(key_x, (batch_size, 32, 32, 3))
+    labels = jax.random.randint(key_y, (batch_size,), 0, 10)
+    times: dict[str, dict[str, list[float]]] = {n: {"trace": [], "xla": []} for n in LAYERS}
+    programs = {}
+    order = np.random.default_rng(0)
+    for _ in range(rounds):
+        for name in order.permutation(list(LAYERS)):
+            m = measure(LAYERS[name], model_args, (images, labels))
+            times[name]["trace"].append(m["trace"])
+            times[name]["xla"].append(m["xla"])
+            programs[name] = (m["compiled"], m["args"])
+    step_time = interleaved_step_times(programs, step_rounds)
+    base = "flax.linen.BatchNorm"
+    med = {n: {k: float(np.median(v)) for k, v in t.items()} for n, t in times.items()}
+    total = {n: m["trace"] + m["xla"] for n, m in med.items()}
+    rows = [
+        "| layer | trace + lower | XLA compile | total | vs Flax | step time vs Flax "
+        "| temp memory |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in LAYERS:
+        temp = programs[name][0].memory_analysis().temp_size_in_bytes
+        rows.append(
+            f"| {name} | {med[name]['trace']:.2f} s | {med[name]['xla']:.2f} s "
+            f"| {total[name]:.2f} s | {total[name] / total[base]:.2f}x "
+            f"| {step_time[name] / step_time[base]:.2f}x ({step_time[name] * 1e3:.1f} ms) "
+            f"| {temp / 2**20:.1f} MiB |"
+        )
+    return "\n".join(rows)
+
+
+def interleaved_step_times(programs: dict, rounds: int) -> dict[str, float]:
+    """Median seconds per call of each compiled step, the calls interleaved across layers."""
+    for compiled, args in programs.values():
+        jax.block_until_ready(compiled(*args))
+    samples: dict[str, list[float]] = {n: [] for n in programs}
+    order = np.random.default_rng(1)
+    for _ in range(rounds):
+        for name in order.permutation(list(programs)):
+            compiled, args = programs[name]
+            start = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            samples[name].append(time.perf_counter() - start)
+    return {n: float(np.median(v)) for n, v in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a narrow ResNet, one round")
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args(argv)
+    if args.quick:
+        model_args, rounds, step_rounds = {"stages": (1, 1, 1, 1), "width": 8}, 1, 3
+    else:
+        model_args, rounds, step_rounds = {}, args.rounds, 21
+    table = run(model_args, batch_size=16, rounds=rounds, step_rounds=step_rounds)
+    report = (
+        f"ResNet-18 training step (batch 16, 32x32x3), medians over {rounds} rounds from "
+        f"empty caches; {platform.machine()}, {jax.devices()[0].device_kind}, "
+        f"jax {jax.__version__}, {datetime.date.today().isoformat()}.\n\n{table}"
+    )
+    print(report)
+    return report
+
+
+if __name__ == "__main__":
+    main()
