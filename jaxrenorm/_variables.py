@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxrenorm._checks import check_converted_variables
+from jaxrenorm._layers import step_count
 
 #: Flax's automatic names of the normalization layers: the class name and an index.
 _AUTOMATIC = re.compile(r"^(BatchNorm|BatchRenorm|InstanceRenorm)_(\d+)$")
@@ -40,6 +41,11 @@ def automatic_norm_names(keys: list[str]) -> list[str]:
     return names
 
 
+def _where(*path: Any) -> str:
+    """A path as the error lists it: its components joined by '/'."""
+    return "/".join(str(p) for p in path) or "(the root)"
+
+
 def convert_tree(source: Any, target: Any) -> Any:
     """`source`'s values in `target`'s structure (see `jaxrenorm.linen.convert_variables`)."""
     problems: list[str] = []
@@ -49,10 +55,10 @@ def convert_tree(source: Any, target: Any) -> Any:
 
 
 def _convert(source: Any, target: Any, path: tuple[str, ...], problems: list[str]) -> Any:
-    where = "/".join(path) or "(the root)"
     if isinstance(target, Mapping):
         if not isinstance(source, Mapping):
-            problems.append(f"{where}: a dict in the target, {type(source).__name__} in the source")
+            kind = type(source).__name__
+            problems.append(f"{_where(*path)}: a dict in the target, {kind} in the source")
             return target
         return _convert_scope(source, target, path, problems)
     if _is_leaf(target):
@@ -66,7 +72,7 @@ def _convert(source: Any, target: Any, path: tuple[str, ...], problems: list[str
         name = _key_name(key_path[0])
         found = _source_child(source, name, len(children))
         if found is _MISSING:
-            problems.append(f"{'/'.join((*path, name))}: in the target, not in the source")
+            problems.append(f"{_where(*path, name)}: in the target, not in the source")
             children.append(child)
         else:
             children.append(_convert(found, child, (*path, name), problems))
@@ -101,12 +107,11 @@ def _convert_scope(
     """A dict: the normalization layers paired by order, every other key by name."""
     target_norms = automatic_norm_names(list(target))
     source_norms = automatic_norm_names(list(source))
-    where = "/".join(path) or "(the root)"
     if len(target_norms) != len(source_norms):
+        source_list, target_list = (", ".join(n) or "none" for n in (source_norms, target_norms))
         problems.append(
-            f"{where}: {len(source_norms)} normalization layers without a name in the source "
-            f"({', '.join(source_norms) or 'none'}), {len(target_norms)} in the target "
-            f"({', '.join(target_norms) or 'none'})"
+            f"{_where(*path)}: {len(source_norms)} normalization layers without a name in the "
+            f"source ({source_list}), {len(target_norms)} in the target ({target_list})"
         )
         return dict(target)
     pairs = dict(zip(target_norms, source_norms, strict=True))
@@ -116,17 +121,18 @@ def _convert_scope(
     converted = {}
     for key, value in target.items():
         source_key = pairs.get(key, key)
-        if source_key in source and (key in pairs or not _AUTOMATIC.match(str(key))):
+        if source_key in source:
             converted[key] = _convert(source[source_key], value, (*path, str(key)), problems)
         elif is_layer and key in _KIND_SPECIFIC:
             converted[key] = _added(key, value, (*path, str(key)), problems)
         else:
-            problems.append(f"{'/'.join((*path, str(key)))}: in the target, not in the source")
-    paired = set(pairs.values())
+            problems.append(f"{_where(*path, key)}: in the target, not in the source")
+    # Every unnamed normalization layer is paired (the counts are equal); any other
+    # key is kept when the target has it too.
+    kept = set(pairs.values()) | set(target)
     for key in source:
-        kept = key in paired or (key in target and not _AUTOMATIC.match(str(key)))
-        if not kept and not (is_layer and key in _KIND_SPECIFIC):
-            problems.append(f"{'/'.join((*path, str(key)))}: in the source, not in the target")
+        if key not in kept and not (is_layer and key in _KIND_SPECIFIC):
+            problems.append(f"{_where(*path, key)}: in the source, not in the target")
     return converted
 
 
@@ -145,7 +151,7 @@ def _added(name: str, template: Any, path: tuple[str, ...], problems: list[str])
         return jnp.zeros(np.shape(template), jnp.int32)
     if isinstance(template, jax.ShapeDtypeStruct):
         problems.append(
-            f"{'/'.join(path)}: the target gives only its shape; pass the variables `init` "
+            f"{_where(*path)}: the target gives only its shape; pass the variables `init` "
             "returns, whose value is the initial one"
         )
     return template
@@ -154,14 +160,14 @@ def _added(name: str, template: Any, path: tuple[str, ...], problems: list[str])
 def _convert_leaf(source: Any, target: Any, path: tuple[str, ...], problems: list[str]) -> Any:
     if source is None or target is None:
         if (source is None) != (target is None):
-            problems.append(f"{'/'.join(path)}: None on one side only")
+            problems.append(f"{_where(*path)}: None on one side only")
         return source
     if _is_leaf(source) and np.shape(source) == np.shape(target):
         if path and path[-1] == "steps" and np.ndim(source) == 0:
-            return jnp.round(jnp.asarray(source)).astype(jnp.int32)
+            return step_count(source)
         return source
     shape = np.shape(source) if _is_leaf(source) else type(source).__name__
-    where = "/".join(path)
+    where = _where(*path)
     problems.append(f"{where}: shape {np.shape(target)} in the target, {shape} in the source")
     return target
 

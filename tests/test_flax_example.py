@@ -116,9 +116,12 @@ def _replicate(state: TrainState) -> TrainState:
     return jax.pmap(lambda s: s, axis_name="batch")(jax_utils.replicate(state))
 
 
-def _train(model: nn.Module, steps: int, sync=None, state=None):
-    """`steps` pmapped steps from a fresh (or the given) state: the states after each step."""
-    step = jax.pmap(functools.partial(_train_step, sync=sync), axis_name="batch")
+def _train(model: nn.Module, steps: int, state=None, train_step=_train_step):
+    """`steps` steps of `jax.pmap(train_step)` from a fresh (or the given) state.
+
+    Returns the states after each step and the losses.
+    """
+    step = jax.pmap(train_step, axis_name="batch")
     state = _replicate(_create_state(model)) if state is None else state
     images, labels = _data()
     states, losses = [], []
@@ -169,14 +172,7 @@ def test_batch_renorm_under_the_examples_pmean_counts_and_trains():
         traces.append(jax.tree.map(lambda leaf: leaf.dtype, state.batch_stats))
         return _train_step(state, images, labels)
 
-    step = jax.pmap(train_step, axis_name="batch")
-    state = _replicate(_create_state(_renorm_model()))
-    images, labels = _data()
-    states, losses = [], []
-    for _ in range(2 * STEPS):
-        state, loss = step(state, images, labels)
-        states.append(state)
-        losses.append(float(loss[0]))
+    states, losses = _train(_renorm_model(), 2 * STEPS, train_step=train_step)
     assert len(traces) == 2
     for k, state in enumerate(states, start=1):
         for steps in _steps_of(state):
@@ -206,19 +202,14 @@ def test_sync_batch_stats_keeps_the_counter_int32_and_the_step_traces_once():
     def train_step(state, images, labels):
         return _train_step(state, images, labels, sync=sync)
 
-    step = jax.pmap(train_step, axis_name="batch")
-    state = _replicate(_create_state(_renorm_model()))
-    images, labels = _data()
-    losses = []
-    for k in range(1, 2 * STEPS + 1):
-        state, loss = step(state, images, labels)
-        losses.append(float(loss[0]))
+    states, losses = _train(_renorm_model(), 2 * STEPS, train_step=train_step)
+    for k, state in enumerate(states, start=1):
         for steps in _steps_of(state):
             assert steps.dtype == jnp.int32
             np.testing.assert_array_equal(steps, k)
     assert losses[-1] < losses[0], losses
     # The running statistics are averaged: identical on every device.
-    for leaf in jax.tree.leaves(state.batch_stats):
+    for leaf in jax.tree.leaves(states[-1].batch_stats):
         np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[0], leaf.shape))
 
 
