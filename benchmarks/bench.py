@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
 import time
 from collections.abc import Callable
@@ -43,7 +44,9 @@ PASSES = ("train fwd", "fwd+bwd", "infer fwd")
 
 def build(module: nn.Module, x: jax.Array, g: jax.Array, mask: jax.Array | None = None):
     """Jitted (train forward, forward+backward, inference forward) and fwd+bwd temp bytes."""
-    variables = module.init(jax.random.key(0), x, use_running_average=False)
+    # Jitted: an eager init would compile each of its operations, for every shape.
+    init = jax.jit(functools.partial(module.init, use_running_average=False))
+    variables = init(jax.random.key(0), x)
     params, stats = variables["params"], variables["batch_stats"]
 
     def train(params, stats, x):

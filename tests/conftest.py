@@ -12,8 +12,11 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 
 
 # The longest tests (see the `--durations` report of .ci/run) are handed out first,
-# so that at the end of a parallel run no worker is left alone with one of them.
-_LONGEST_FIRST = (
+# in this order, so that at the end of a parallel run no worker is left alone with
+# one of them. The compile-time benchmark comes first of all: it empties JAX's
+# caches, which costs nothing while they hold nothing yet.
+_FIRST = (
+    "test_compile_time_quick_prints_every_layer",
     "test_small_batches_quick",
     "test_bench_quick_prints_the_full_table",
     "[guides/nnx.md]",
@@ -27,5 +30,9 @@ _LONGEST_FIRST = (
 )
 
 
+def _rank(item) -> int:
+    return next((i for i, name in enumerate(_FIRST) if name in item.nodeid), len(_FIRST))
+
+
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: not any(name in item.nodeid for name in _LONGEST_FIRST))
+    items.sort(key=_rank)

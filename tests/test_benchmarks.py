@@ -34,3 +34,15 @@ def test_formulations_quick_prints_both_tables(monkeypatch, capsys):
     backward = [line for line in out.splitlines() if line.count(" MiB") == 1]
     assert len(forward) == 6 and len(backward) == 3, out
     assert _norm._save_per_feature is policy
+
+
+def test_compile_time_quick_prints_every_layer(monkeypatch):
+    """In process, first in its worker (tests/conftest.py): it empties JAX's caches."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    report = importlib.import_module("compile_time").main(["--quick"])
+    cells = r"\d+\.\d\d s \| \d+\.\d\d s \| \d+\.\d\d s \| \d+\.\d\dx \| \d+\.\d\dx \(\d+\.\d ms\)"
+    for layer in ("flax.linen.BatchNorm", "BatchNorm", "BatchRenorm", "InstanceRenorm"):
+        assert re.search(
+            rf"^\| (jaxrenorm )?{re.escape(layer)} \| {cells} \| [\d.]+ MiB \|$", report, flags=re.M
+        ), report
+    assert re.search(r"^\| flax\.linen\.BatchNorm \| .* \| 1\.00x \| 1\.00x ", report, re.M)
