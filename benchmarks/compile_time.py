@@ -118,7 +118,7 @@ def measure(layer: Callable[..., nn.Module], model_args: dict, args: tuple) -> d
     traced = time.perf_counter()
     compiled = lowered.compile()
     done = time.perf_counter()
-    return {"trace": traced - start, "xla": done - traced, "compiled": compiled, "args": args}
+    return {"trace": traced - start, "xla": done - traced, "compiled": compiled}
 
 
 def run(model_args: dict, images: tuple[int, ...], rounds: int, step_rounds: int) -> str:
@@ -138,7 +138,7 @@ def run(model_args: dict, images: tuple[int, ...], rounds: int, step_rounds: int
             m = measure(LAYERS[name], model_args, args[name])
             times[name]["trace"].append(m["trace"])
             times[name]["xla"].append(m["xla"])
-            programs[name] = (m["compiled"], m["args"])
+            programs[name] = (m["compiled"], args[name])
     step_time = interleaved_step_times(programs, step_rounds)
     base = "flax.linen.BatchNorm"
     med = {n: {k: float(np.median(v)) for k, v in t.items()} for n, t in times.items()}
@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args(argv)
     if args.quick:
-        model = "ResNet with one block, width 4 (batch 4, 8x8x3)"
+        model = "ResNet of one block, width 4, training step (batch 4, 8x8x3)"
         model_args, images, rounds, step_rounds = {"stages": (1,), "width": 4}, (4, 8, 8, 3), 1, 3
     else:
         model = "ResNet-18 training step (batch 16, 32x32x3)"
