@@ -15,6 +15,7 @@ names and meanings in both families:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -49,7 +50,23 @@ def renorm_diagnostics(terms: RenormTerms) -> dict[str, jax.Array]:
 
 def bounds_at(r_max: Bound, d_max: Bound, step: jax.Array) -> tuple[Any, Any]:
     """The renorm bounds at training step `step`: each a constant or a schedule's value."""
-    return tuple(bound(step) if callable(bound) else bound for bound in (r_max, d_max))
+    return tuple(_value_at(bound, step) if callable(bound) else bound for bound in (r_max, d_max))
+
+
+def _value_at(schedule: Callable[[jax.Array], Any], step: jax.Array) -> Any:
+    """schedule(step); inside a trace, traced once per schedule rather than once per layer."""
+    if not isinstance(step, jax.core.Tracer):
+        return schedule(step)
+    try:
+        jitted = _jitted(schedule)
+    except TypeError:  # an unhashable callable
+        return schedule(step)
+    return jitted(step)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(schedule: Callable[[jax.Array], Any]) -> Callable[[jax.Array], Any]:
+    return jax.jit(schedule)
 
 
 def step_count(steps: Any) -> jax.Array:

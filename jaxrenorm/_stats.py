@@ -189,6 +189,15 @@ def _centered(x: jax.Array, k: jax.Array, mask: jax.Array | None) -> jax.Array:
     return x - k
 
 
+def _nonnegative(v: jax.Array) -> jax.Array:
+    """max(v, 0) for a one-pass variance that rounding took below 0, NaN kept.
+
+    A select rather than `maximum`: the derivative of `maximum` splits ties with a
+    division, which XLA:CPU compiles into a kernel of its own in every layer.
+    """
+    return jnp.where(v < 0, jnp.zeros_like(v), v)
+
+
 def _abs_sq(z: jax.Array) -> jax.Array:
     return jnp.square(z.real) + jnp.square(z.imag) if jnp.iscomplexobj(z) else jnp.square(z)
 
@@ -236,7 +245,7 @@ def compute_moments(
         count, s1, s2 = _all_sum([count, s1, s2], axis_name, axis_index_groups)
         safe = jnp.maximum(count, 1)
         offset = s1 / safe
-        var = jnp.maximum(s2 / safe - _abs_sq(offset), 0)
+        var = _nonnegative(s2 / safe - _abs_sq(offset))
     else:
         count, s1 = _all_sum([count, s1], axis_name, axis_index_groups)
         safe = jnp.maximum(count, 1)
@@ -293,7 +302,7 @@ def merge_moments(
         )
         safe = jnp.maximum(count, 1)
         offset = s1 / safe
-        var = jnp.maximum(s2 / safe - _abs_sq(offset), 0)
+        var = _nonnegative(s2 / safe - _abs_sq(offset))
     else:
         count, s1 = _all_sum([total(n), total(n * o)], axis_name, axis_index_groups)
         safe = jnp.maximum(count, 1)
