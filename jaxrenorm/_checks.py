@@ -256,6 +256,14 @@ def check_renorm(r_max: Any, d_max: Any, dtype: jnp.dtype, caller: str) -> None:
         )
 
 
+def check_moment_gradient(value: Any) -> None:
+    """`grad_through_batch_moments`: True, False or "adaptive"."""
+    if not (isinstance(value, bool | np.bool_) or (isinstance(value, str) and value == "adaptive")):
+        raise ValueError(
+            f"`grad_through_batch_moments` must be True, False or 'adaptive', got {value!r}."
+        )
+
+
 def check_virtual_batch(v: Any, layout: Layout) -> None:
     """Virtual batches split axis 0 into groups of `v` examples."""
     check_positive_int(v, "virtual_batch_size")

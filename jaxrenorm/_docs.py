@@ -202,7 +202,13 @@ ARGUMENTS: dict[str, str | dict[str, str]] = {
         "move a whole statistics group together. Use it when the groups that provide "
         "the statistics are not representative (e.g. each holds one class), with a "
         "BatchNorm warm-up, since nothing then stops the layer's input from drifting "
-        "in scale or offset."
+        'in scale or offset. "adaptive" (with `virtual_batch_size`, for groups '
+        "whose kind is not known in advance) scales the gradient through each "
+        "group's moments, per feature, by exp(-max(F - 1, 0)), with F = n * "
+        "var(group means) / (mean group variance + epsilon) over the call's groups "
+        "of n values: about 1 when the groups are samples of one distribution (the "
+        "paper's gradient), near 0 when each group holds its own kind of data (as "
+        "with False). With one group it is the paper's gradient."
     ),
     "diagnostics": {
         "linen": (

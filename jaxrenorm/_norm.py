@@ -58,6 +58,7 @@ from jaxrenorm._checks import (
     check_instance_layout,
     check_layout,
     check_mask,
+    check_moment_gradient,
     check_more_than_one_value,
     check_params,
     check_renorm,
@@ -101,7 +102,7 @@ class Options(NamedTuple):
     bessel_correction: bool = False
     r_max: Any = None
     d_max: Any = None
-    grad_through_batch_moments: bool = True
+    grad_through_batch_moments: bool | str = True
     instance: bool = False
     initializing: bool = False  # a linen `init`: any batch, even of one, is fine
 
@@ -210,7 +211,7 @@ def batch_renorm(
     bessel_correction: bool = False,
     r_max: float | jax.Array = 3.0,
     d_max: float | jax.Array = 5.0,
-    grad_through_batch_moments: bool = True,
+    grad_through_batch_moments: bool | str = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Batch Renormalization (Ioffe 2017, arXiv 1702.03275, Algorithm 1), per feature.
 
@@ -277,7 +278,7 @@ def instance_renorm(
     bessel_correction: bool = False,
     r_max: float | jax.Array = 3.0,
     d_max: float | jax.Array = 5.0,
-    grad_through_batch_moments: bool = True,
+    grad_through_batch_moments: bool | str = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Batch Renormalization mixed with instance normalization by a learned gate rho.
 
@@ -345,7 +346,7 @@ class Plan(NamedTuple):
     axis_name: Any
     axis_index_groups: Any
     use_fast_variance: bool
-    grad_through_batch_moments: bool
+    grad_through_batch_moments: bool | str  # True, False or "adaptive"
     epsilon: float
     dtype: jnp.dtype  # statistics and output are computed in it: the input's, >= float32
 
@@ -424,6 +425,7 @@ def _validate(
         check_instance_layout(layout)
     if options.r_max is not None:
         check_renorm(options.r_max, options.d_max, x.dtype, caller)
+        check_moment_gradient(options.grad_through_batch_moments)
     # Inference ignores virtual batches, so an eval batch of any size is fine.
     if not options.use_running_average:
         if options.virtual_batch_size is not None:
@@ -462,10 +464,18 @@ def _plan(layout: Layout, options: Options, dtype: jnp.dtype) -> Plan:
         axis_name=None if options.virtual_batch_size is not None else options.axis_name,
         axis_index_groups=options.axis_index_groups,
         use_fast_variance=options.use_fast_variance,
-        grad_through_batch_moments=options.grad_through_batch_moments or options.r_max is None,
+        grad_through_batch_moments=_moment_gradient(options),
         epsilon=options.epsilon,
         dtype=stats_dtype(dtype),
     )
+
+
+def _moment_gradient(options: Options) -> bool | str:
+    """How the batch moments are differentiated: True (BatchNorm), False or "adaptive"."""
+    setting = options.grad_through_batch_moments
+    if options.r_max is None:
+        return True
+    return setting if isinstance(setting, str) else bool(setting)
 
 
 def _broadcast(values: PerFeature, layout: Layout, dtype: jnp.dtype) -> PerFeature:
@@ -588,9 +598,16 @@ def _train_forward(
     # use rounded each contribution to bfloat16 and let opposite ones cancel).
     x = x.astype(plan.dtype)
     moments, parts = _batch_moments(plan, x, per_feature.mean, mask)
-    if not plan.grad_through_batch_moments:
+    if plan.grad_through_batch_moments is False:
         moments = moments._replace(
             offset=lax.stop_gradient(moments.offset), var=lax.stop_gradient(moments.var)
+        )
+    elif plan.grad_through_batch_moments == "adaptive" and 0 not in plan.reduction_axes:
+        # Virtual groups (on axis 0): scale the moments' gradient by how alike they are.
+        weight = _moment_gradient_weight(moments, plan.epsilon)
+        moments = moments._replace(
+            offset=_scaled_gradient(moments.offset, weight),
+            var=_scaled_gradient(moments.var, weight),
         )
     a, c, terms = _coefficients(plan, moments, per_feature, bounds)
     if per_feature.gate is None:
@@ -638,6 +655,42 @@ def _batch_moments(
         common = first_valid(parts.shift, plan.example_axes, parts.count > 0, running_mean)
     moments = merge_moments(parts, plan.example_axes, shift=common, **collective)
     return Moments(*(_keep(v) for v in moments)), parts
+
+
+def _moment_gradient_weight(moments: Moments, epsilon: float) -> jax.Array:
+    """Per feature, exp(-max(F - 1, 0)) with F the groups' one-way ANOVA ratio.
+
+    F = n * var_g(mean_g) / (mean_g(var_g) + epsilon) over the groups (axis 0) with
+    a valid element, n their mean count: about 1 when the groups are samples of one
+    distribution (their means then scatter with variance var / n), large when each
+    group holds its own kind of data (one class per group). With fewer than two
+    such groups the weight is 1. A constant for differentiation.
+    """
+    moments = Moments(*(lax.stop_gradient(v) for v in moments))
+    valid = moments.count > 0
+    groups = jnp.sum(valid, axis=0, keepdims=True)
+
+    def group_mean(v: jax.Array) -> jax.Array:
+        return jnp.sum(jnp.where(valid, v, 0), axis=0, keepdims=True) / jnp.maximum(groups, 1)
+
+    mean = moments.mean
+    between = group_mean(jnp.square(mean - group_mean(mean)))
+    ratio = group_mean(moments.count) * between / (group_mean(moments.var) + epsilon)
+    return jnp.where(groups > 1, jnp.exp(-jnp.maximum(ratio - 1, 0)), 1.0)
+
+
+@jax.custom_jvp
+def _scaled_gradient(v: jax.Array, weight: jax.Array) -> jax.Array:
+    """v, whose derivative is scaled by `weight` (0: a constant, 1: unchanged)."""
+    return v
+
+
+@_scaled_gradient.defjvp
+def _scaled_gradient_jvp(
+    primals: tuple[jax.Array, jax.Array], tangents: tuple[jax.Array, jax.Array]
+) -> tuple[jax.Array, jax.Array]:
+    (v, weight), (dv, _) = primals, tangents
+    return v, dv * weight
 
 
 def _coefficients(

@@ -207,7 +207,7 @@ class BatchRenorm(_Normalization):
 
     r_max: Bound = schedules.PAPER_R_MAX
     d_max: Bound = schedules.PAPER_D_MAX
-    grad_through_batch_moments: bool = True
+    grad_through_batch_moments: bool | str = True
     diagnostics: bool = False
 
     def _bounds(self) -> tuple[Any, Any]:

@@ -218,7 +218,7 @@ class BatchRenorm(BatchNorm):
         *,
         r_max: Bound = schedules.PAPER_R_MAX,
         d_max: Bound = schedules.PAPER_D_MAX,
-        grad_through_batch_moments: bool = True,
+        grad_through_batch_moments: bool | str = True,
         diagnostics: bool = False,
         rngs: nnx.Rngs,
         **kwargs: Any,

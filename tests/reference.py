@@ -129,14 +129,16 @@ def normalize(
     m = np.ones(x.shape) if mask is None else np.broadcast_to(np.asarray(mask, bool), x.shape)
     n = np.maximum(count, 1)
     gh = g * gamma * r  # dL/dxhat
-    if grad_through_batch_moments:
-        dx = (
-            gh
-            - m * gh.sum(axis=ra, keepdims=True) / n
-            - m * xhat * (gh * xhat).sum(axis=ra, keepdims=True) / n
-        ) / s_b
-    else:  # mu_B and s_B are constants: y is an affine map of x
-        dx = gh / s_b
+    # The gradient through mu_B and var_B, scaled by `grad_through_batch_moments`
+    # (True: 1; False: 0, mu_B and s_B are constants and y an affine map of x; or a
+    # per-feature weight).
+    weight = np.asarray(grad_through_batch_moments, np.float64)
+    weight = weight if weight.ndim == 0 else keep(weight, x.shape, fa)
+    dx = (
+        gh
+        - weight * m * gh.sum(axis=ra, keepdims=True) / n
+        - weight * m * xhat * (gh * xhat).sum(axis=ra, keepdims=True) / n
+    ) / s_b
 
     # A feature with no valid element keeps its running statistics.
     new_mean = np.where(count > 0, momentum * mu_run + (1 - momentum) * mu_b, mu_run)
@@ -163,6 +165,8 @@ def _virtual(x, scale, bias, mean, var, g, mask, v, kw):
     """Each group of v examples as its own batch; running stats from the group means."""
     x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
     mask_full = None if mask is None else np.broadcast_to(np.asarray(mask, bool), x.shape)
+    if kw["grad_through_batch_moments"] == "adaptive" and kw["r_max"] is not None:
+        kw = dict(kw, grad_through_batch_moments=_adaptive_weight(x, mask_full, v, kw))
     parts = [
         normalize(
             x[i : i + v],
@@ -193,6 +197,29 @@ def _virtual(x, scale, bias, mean, var, g, mask, v, kw):
         r=None if parts[0].r is None else np.stack([p.r for p in parts]),
         d=None if parts[0].d is None else np.stack([p.d for p in parts]),
     )
+
+
+def _adaptive_weight(x, mask, v, kw):
+    """exp(-max(F - 1, 0)) per feature, F = n var_g(mean_g) / (mean_g(var_g) + eps).
+
+    Over the groups of v examples with a valid element; n is their mean count, and
+    the weight is 1 with fewer than two such groups.
+    """
+    fa, ra = split_axes(x.ndim, kw["axis"])
+    stats = [
+        moments(x[i : i + v], ra, None if mask is None else mask[i : i + v])
+        for i in range(0, x.shape[0], v)
+    ]
+    mean, var, count = (np.stack([st[k] for st in stats]) for k in range(3))
+    valid = count > 0
+    groups = valid.sum(0)
+    safe = np.maximum(groups, 1)
+    grand = np.where(valid, mean, 0).sum(0) / safe
+    between = np.where(valid, (mean - grand) ** 2, 0).sum(0) / safe
+    within = np.where(valid, var, 0).sum(0) / safe
+    n = np.where(valid, count, 0).sum(0) / safe
+    weight = np.where(groups > 1, np.exp(-np.maximum(n * between / (within + kw["eps"]) - 1, 0)), 1)
+    return weight.reshape([x.shape[i] for i in fa])
 
 
 def instance_renorm(

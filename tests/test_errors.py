@@ -291,6 +291,10 @@ TRIGGERS = {
         lambda: schedules.scaled_paper_schedules(1000, d_max=-1.0),
     ],
     "bound-not-scalar": [_brn(r_max=jnp.full(4, 3.0))],
+    "moment-gradient-value": [
+        _brn(grad_through_batch_moments="sometimes"),
+        lambda: jaxrenorm.linen.BatchRenorm(False, grad_through_batch_moments=0.5).init(_KEY, X),
+    ],
     "dtype-not-floating": [
         _bn(dtype=jnp.int8),
         lambda: jaxrenorm.init_batch_stats(4, jnp.int32),

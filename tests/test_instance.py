@@ -73,6 +73,14 @@ def test_matches_reference(shape, axis, mode):
     assert_matches(got, ref)
 
 
+def test_adaptive_moment_gradient_matches_reference():
+    x, params, stats, g = _data((8, 3, 3, 4), -1, seed=3, offset=2.0)
+    x = x + np.repeat([0.0, 4.0], 4).reshape(8, 1, 1, 1) * (np.arange(4) < 2)  # two kinds
+    kw = dict(r_max=1.5, d_max=0.5, virtual_batch_size=4, grad_through_batch_moments="adaptive")
+    got = _run(x, params, stats, g, use_running_average=False, **kw)
+    assert_matches(got, _reference(x, params, stats, g, **kw))
+
+
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_rho_one_is_batch_renorm_and_rho_zero_is_instance_norm(train):
     x, params, stats, g = _data((4, 5, 5, 3), -1, seed=2, offset=1.0)

@@ -306,7 +306,7 @@ def test_default_module_is_accurate_on_offset_data():
         np.testing.assert_allclose(np.asarray(y).reshape(-1, 4).std(0), 1.0, rtol=1e-2)
 
 
-@pytest.mark.parametrize("grad_through", [True, False])
+@pytest.mark.parametrize("grad_through", [True, False, "adaptive"])
 def test_modules_with_virtual_batches_match_reference(grad_through):
     x = _x((12, 3, 3, 2), seed=12, offset=1.0)
     g = jax.random.normal(jax.random.key(13), x.shape)

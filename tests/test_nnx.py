@@ -65,6 +65,11 @@ def test_variables_and_steps_match_flax_nnx():
             jaxrenorm.nnx.InstanceRenorm,
             dict(r_max=1.5, d_max=0.5, rho_init=nnx.initializers.constant(0.3)),
         ),
+        (
+            jaxrenorm.linen.BatchRenorm,
+            jaxrenorm.nnx.BatchRenorm,
+            dict(r_max=1.5, d_max=0.5, virtual_batch_size=2, grad_through_batch_moments="adaptive"),
+        ),
     ],
 )
 def test_nnx_equals_linen_over_several_steps(linen_cls, nnx_cls, kw):

@@ -392,6 +392,50 @@ def test_renorm_without_gradient_through_batch_moments(shape, axis, v):
     assert not np.allclose(ref.dx, paper.dx, atol=1e-3)
 
 
+@pytest.mark.parametrize(("shape", "axis"), [((16, 6), -1), ((12, 4, 2, 2), 1)])
+def test_adaptive_moment_gradient_matches_reference(shape, axis):
+    x, scale, bias, mean, var, g = data(shape, axis, seed=15, offset=1.0)
+    # Groups of 4 examples; on half the features each group has an offset of its own
+    # (as when each group holds one class), the other half are i.i.d.
+    fa, _ = reference.split_axes(len(shape), axis)
+    spread = np.zeros(shape)
+    own = np.repeat(np.random.default_rng(16).normal(size=shape[0] // 4) * 4, 4)
+    index = [slice(None)] * len(shape)
+    index[fa[0]] = slice(0, shape[fa[0]] // 2)
+    spread[tuple(index)] = own.reshape((-1,) + (1,) * (len(shape) - 1))
+    x = x + spread
+    kw = dict(r_max=1.4, d_max=0.4, axis=axis, virtual_batch_size=4)
+    got = run_affine(
+        jaxrenorm.batch_renorm,
+        x,
+        scale,
+        bias,
+        mean,
+        var,
+        g,
+        use_running_average=False,
+        grad_through_batch_moments="adaptive",
+        **kw,
+    )
+    weight = reference._adaptive_weight(x, None, 4, dict(axis=axis, eps=1e-5))
+    assert weight.min() < 1e-3 and weight.max() > 0.2  # both kinds of groups are there
+    ref = reference.normalize(
+        x, scale, bias, mean, var, g, grad_through_batch_moments="adaptive", **kw
+    )
+    assert_matches(got, ref)
+
+
+def test_adaptive_moment_gradient_is_the_paper_s_with_one_group():
+    x, scale, bias, mean, var, g = data((16, 5), -1, seed=17, offset=1.0)
+    kw = dict(r_max=1.4, d_max=0.4, use_running_average=False)
+    fn = jaxrenorm.batch_renorm
+    adaptive = run_affine(
+        fn, x, scale, bias, mean, var, g, grad_through_batch_moments="adaptive", **kw
+    )
+    paper = run_affine(fn, x, scale, bias, mean, var, g, **kw)
+    np.testing.assert_array_equal(adaptive.dx, paper.dx)
+
+
 # --- forward mode ---------------------------------------------------------------
 
 
