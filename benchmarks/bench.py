@@ -12,7 +12,7 @@ the machine. The order within a round is shuffled (fixed seed) so that no
 implementation always runs after the same kernel.
 
 Run: `python benchmarks/bench.py` (a few minutes on 2 CPU cores) or `--quick`
-(small shapes, few rounds: only proves it runs); `--masked` trains every layer
+(small shapes, float32 only, few rounds: only proves it runs); `--masked` trains every layer
 with a left-padding mask. Prints a Markdown table.
 """
 
@@ -38,6 +38,13 @@ MODULES: dict[str, Callable[[], nn.Module]] = {
     "flax.linen.BatchNorm": lambda: nn.BatchNorm(),
     "jaxrenorm BatchNorm": lambda: jaxrenorm.linen.BatchNorm(),
     "jaxrenorm BatchRenorm": lambda: jaxrenorm.linen.BatchRenorm(r_max=3.0, d_max=5.0),
+    # The cost of the adaptive moment gradient, against the same virtual batches.
+    "jaxrenorm BatchRenorm, groups of 8": lambda: jaxrenorm.linen.BatchRenorm(
+        r_max=3.0, d_max=5.0, virtual_batch_size=8
+    ),
+    "jaxrenorm BatchRenorm, groups of 8, adaptive": lambda: jaxrenorm.linen.BatchRenorm(
+        r_max=3.0, d_max=5.0, virtual_batch_size=8, grad_through_batch_moments="adaptive"
+    ),
 }
 PASSES = ("train fwd", "fwd+bwd", "infer fwd")
 
@@ -165,7 +172,8 @@ def main() -> None:
         "--masked", action="store_true", help="train with a left-padding mask (`left_padding`)"
     )
     shapes, rounds, args = command_line(__doc__, SHAPES, QUICK_SHAPES, parser)
-    table = run(shapes, (jnp.float32, jnp.bfloat16), rounds, masked=args.masked)
+    dtypes = (jnp.float32,) if args.quick else (jnp.float32, jnp.bfloat16)
+    table = run(shapes, dtypes, rounds, masked=args.masked)
     print(
         f"Ratios to flax.linen.BatchNorm (median time, then the median in ms and the "
         f"effective bandwidth as a fraction of an elementwise copy); {rounds} interleaved "

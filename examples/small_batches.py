@@ -11,7 +11,9 @@ the examples that provide the normalization statistics change:
   terrible when the images in a batch look alike).
 
 Methods: BatchNorm; BatchRenorm with the paper's schedule scaled to the run;
-BatchRenorm with `grad_through_batch_moments=False`; InstanceRenorm (a learned
+BatchRenorm with `grad_through_batch_moments=False`, and with "adaptive" (the
+gradient through each group's moments weighted per feature by how much the
+groups of a batch differ); InstanceRenorm (a learned
 per-feature mix of BatchRenorm and instance normalization, in the conv layers;
 the dense layer has no spatial axis and keeps BatchRenorm); and
 flax.linen.GroupNorm, which uses no batch statistics, as the reference. Every
@@ -90,6 +92,7 @@ def methods(total_steps: int) -> dict[str, Callable[[int], Callable[..., nn.Modu
         ),
         "BatchRenorm": renorm,
         "BatchRenorm, no grad through moments": functools.partial(renorm, grad_through=False),
+        "BatchRenorm, adaptive moment gradient": functools.partial(renorm, grad_through="adaptive"),
         "InstanceRenorm": functools.partial(renorm, instance=True),
         "GroupNorm": lambda v: lambda train, spatial: nn.GroupNorm(num_groups=4),
     }
