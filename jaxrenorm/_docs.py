@@ -204,11 +204,13 @@ ARGUMENTS: dict[str, str | dict[str, str]] = {
         "BatchNorm warm-up, since nothing then stops the layer's input from drifting "
         'in scale or offset. "adaptive" (with `virtual_batch_size`, for groups '
         "whose kind is not known in advance) scales the gradient through each "
-        "group's moments, per feature, by exp(-max(F - 1, 0)), with F = n * "
-        "var(group means) / (mean group variance + epsilon) over the call's groups "
-        "of n values: about 1 when the groups are samples of one distribution (the "
-        "paper's gradient), near 0 when each group holds its own kind of data (as "
-        "with False). With one group it is the paper's gradient."
+        "group's moments, per feature, by exp(-max(F - 1, 0)), with F the one-way "
+        "ANOVA F statistic of the call's groups of n values, "
+        "n * s_b^2 / (s_w^2 + epsilon) (s_b^2 the unbiased variance of the group "
+        "means, s_w^2 the mean unbiased variance within the groups): about 1 when "
+        "the groups are samples of one distribution (the paper's gradient), large "
+        "when each group holds its own kind of data (then as with False). With one "
+        "group it is the paper's gradient."
     ),
     "diagnostics": {
         "linen": (

@@ -658,13 +658,14 @@ def _batch_moments(
 
 
 def _moment_gradient_weight(moments: Moments, epsilon: float) -> jax.Array:
-    """Per feature, exp(-max(F - 1, 0)) with F the groups' one-way ANOVA ratio.
+    """Per feature, exp(-max(F - 1, 0)) with F the groups' one-way ANOVA F statistic.
 
-    F = n * var_g(mean_g) / (mean_g(var_g) + epsilon) over the groups (axis 0) with
-    a valid element, n their mean count: about 1 when the groups are samples of one
-    distribution (their means then scatter with variance var / n), large when each
-    group holds its own kind of data (one class per group). With fewer than two
-    such groups the weight is 1. A constant for differentiation.
+    F = n * s_b^2 / (s_w^2 + epsilon) over the G groups (axis 0) with a valid
+    element, n their mean count, s_b^2 the unbiased variance of the group means and
+    s_w^2 the mean of the unbiased group variances: about 1 when the groups are
+    samples of one distribution (their means then scatter with variance var / n),
+    large when each group holds its own kind of data (one class per group). With
+    fewer than two such groups the weight is 1. A constant for differentiation.
     """
     moments = Moments(*(lax.stop_gradient(v) for v in moments))
     valid = moments.count > 0
@@ -673,9 +674,10 @@ def _moment_gradient_weight(moments: Moments, epsilon: float) -> jax.Array:
     def group_mean(v: jax.Array) -> jax.Array:
         return jnp.sum(jnp.where(valid, v, 0), axis=0, keepdims=True) / jnp.maximum(groups, 1)
 
-    mean = moments.mean
-    between = group_mean(jnp.square(mean - group_mean(mean)))
-    ratio = group_mean(moments.count) * between / (group_mean(moments.var) + epsilon)
+    mean, n = moments.mean, group_mean(moments.count)
+    between = group_mean(jnp.square(mean - group_mean(mean))) * groups / jnp.maximum(groups - 1, 1)
+    within = group_mean(moments.var) * n / jnp.maximum(n - 1, 1)
+    ratio = n * between / (within + epsilon)
     return jnp.where(groups > 1, jnp.exp(-jnp.maximum(ratio - 1, 0)), 1.0)
 
 

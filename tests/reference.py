@@ -200,7 +200,7 @@ def _virtual(x, scale, bias, mean, var, g, mask, v, kw):
 
 
 def _adaptive_weight(x, mask, v, kw):
-    """exp(-max(F - 1, 0)) per feature, F = n var_g(mean_g) / (mean_g(var_g) + eps).
+    """exp(-max(F - 1, 0)) per feature, F = n s_b^2 / (s_w^2 + eps), the ANOVA F statistic.
 
     Over the groups of v examples with a valid element; n is their mean count, and
     the weight is 1 with fewer than two such groups.
@@ -215,9 +215,10 @@ def _adaptive_weight(x, mask, v, kw):
     groups = valid.sum(0)
     safe = np.maximum(groups, 1)
     grand = np.where(valid, mean, 0).sum(0) / safe
-    between = np.where(valid, (mean - grand) ** 2, 0).sum(0) / safe
-    within = np.where(valid, var, 0).sum(0) / safe
     n = np.where(valid, count, 0).sum(0) / safe
+    # Unbiased estimates: the variance of the group means, the variance within groups.
+    between = np.where(valid, (mean - grand) ** 2, 0).sum(0) / np.maximum(groups - 1, 1)
+    within = np.where(valid, var, 0).sum(0) / safe * n / np.maximum(n - 1, 1)
     weight = np.where(groups > 1, np.exp(-np.maximum(n * between / (within + kw["eps"]) - 1, 0)), 1)
     return weight.reshape([x.shape[i] for i in fa])
 
