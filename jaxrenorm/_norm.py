@@ -653,7 +653,9 @@ def _batch_moments(
     parts = Moments(*(_keep(v) for v in parts))
     if common is None and mask is not None:  # an example may have no valid element
         common = first_valid(parts.shift, plan.example_axes, parts.count > 0, running_mean)
-    moments = merge_moments(parts, plan.example_axes, shift=common, **collective)
+    moments = merge_moments(
+        parts, plan.example_axes, shift=common, static_count=mask is None, **collective
+    )
     return Moments(*(_keep(v) for v in moments)), parts
 
 

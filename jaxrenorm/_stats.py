@@ -213,6 +213,33 @@ def _all_sum(parts: list[jax.Array], axis_name: str | None, axis_index_groups) -
     return [summed[i].astype(p.dtype) for i, p in enumerate(parts)]
 
 
+def _all_sum_counted(
+    count: jax.Array, sums: list[jax.Array], static: bool, axis_name: str | None, axis_index_groups
+) -> list[jax.Array]:
+    """`[count, *sums]` summed over devices, in the one all-reduce.
+
+    A `static` count (no mask: every device holds as many values as this one) is
+    multiplied by the number of devices instead of being summed, so it stays a
+    constant: the divisions by it become multiplications XLA fuses into their
+    consumers, where a summed count made each division a kernel of its own.
+    """
+    devices = _devices(axis_name, axis_index_groups) if static else None
+    if devices is None:
+        return _all_sum([count, *sums], axis_name, axis_index_groups)
+    return [count * devices, *_all_sum(sums, axis_name, axis_index_groups)]
+
+
+def _devices(axis_name: Any, axis_index_groups: Any) -> int | None:
+    """How many devices one all-reduce sums over; None if `axis_index_groups` differ in size."""
+    if axis_name is None:
+        return 1
+    if axis_index_groups is not None:
+        sizes = {len(group) for group in axis_index_groups}
+        return sizes.pop() if len(sizes) == 1 else None
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    return int(np.prod([lax.axis_size(name) for name in names]))
+
+
 def compute_moments(
     x: jax.Array,
     axes: tuple[int, ...],
@@ -239,15 +266,16 @@ def compute_moments(
     k1, k2 = lax.optimization_barrier((k, k))
 
     count = _valid_count(mask, x.shape, axes, jnp.real(k).dtype)
+    collective = (mask is None, axis_name, axis_index_groups)
     s1 = jnp.sum(_centered(x, k1, mask), axis=axes, keepdims=True)
     if use_fast_variance:
         s2 = jnp.sum(_abs_sq(_centered(x, k2, mask)), axis=axes, keepdims=True)
-        count, s1, s2 = _all_sum([count, s1, s2], axis_name, axis_index_groups)
+        count, s1, s2 = _all_sum_counted(count, [s1, s2], *collective)
         safe = jnp.maximum(count, 1)
         offset = s1 / safe
         var = _nonnegative(s2 / safe - _abs_sq(offset))
     else:
-        count, s1 = _all_sum([count, s1], axis_name, axis_index_groups)
+        count, s1 = _all_sum_counted(count, [s1], *collective)
         safe = jnp.maximum(count, 1)
         offset = s1 / safe
         dev = _centered(x, k2, mask) - offset
@@ -268,6 +296,7 @@ def merge_moments(
     axis_index_groups: Any = None,
     use_fast_variance: bool = True,
     shift: jax.Array | None = None,
+    static_count: bool = False,
 ) -> Moments:
     """Moments over `axes` (and devices) of data whose moments per index of `axes` are `parts`.
 
@@ -284,6 +313,8 @@ def merge_moments(
     The fast path sums (n, n o, n (var + |o|^2)) in one all-reduce and subtracts
     |o|^2 once, which is accurate while K is within a few standard deviations of
     the mean; the exact path sums the deviations from o with a second all-reduce.
+    With `static_count` (the parts' counts follow from the shape: no mask), n is
+    the same on every device and is not summed.
     """
     if shift is None:
         shift = _first(parts.shift, axes)
@@ -295,8 +326,10 @@ def merge_moments(
         return jnp.sum(v, axis=axes, keepdims=True)
 
     if use_fast_variance:
-        count, s1, s2 = _all_sum(
-            [total(n), total(n * o), total(n * (parts.var + _abs_sq(o)))],
+        count, s1, s2 = _all_sum_counted(
+            total(n),
+            [total(n * o), total(n * (parts.var + _abs_sq(o)))],
+            static_count,
             axis_name,
             axis_index_groups,
         )
@@ -304,7 +337,9 @@ def merge_moments(
         offset = s1 / safe
         var = _nonnegative(s2 / safe - _abs_sq(offset))
     else:
-        count, s1 = _all_sum([total(n), total(n * o)], axis_name, axis_index_groups)
+        count, s1 = _all_sum_counted(
+            total(n), [total(n * o)], static_count, axis_name, axis_index_groups
+        )
         safe = jnp.maximum(count, 1)
         offset = s1 / safe
         (s2,) = _all_sum(
@@ -352,7 +387,7 @@ def moments(
       x: floating-point input (real or complex).
       axes: the axes to reduce over (int or tuple of ints, negative allowed).
       axis_name: a named axis (pmap, shard_map) to also reduce over, with one
-        all-reduce of (count, sum, sum of squares).
+        all-reduce of (sum, sum of squares), and of the count with a `mask`.
       axis_index_groups: groups of devices along `axis_name` reduced separately.
       mask: boolean, broadcastable to `x`; False elements are left out of the
         statistics and may hold NaN or Inf.

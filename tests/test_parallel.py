@@ -244,12 +244,19 @@ def test_vmap_with_axis_name_shares_statistics(kind, mask_kind):
     _check(y, new, grads, _reference(kind, x, params, stats, g, mask), mask)
 
 
-@pytest.mark.parametrize("kind", BASIC)
-def test_pmap_axis_index_groups(kind):
-    """Two groups of four devices are normalized independently, each as its own batch."""
+@pytest.mark.parametrize(
+    ("kind", "groups"),
+    [
+        ("bn", [[0, 1, 2, 3], [4, 5, 6, 7]]),
+        ("brn", [[0, 1, 2, 3], [4, 5, 6, 7]]),
+        # Groups of different sizes: each counts its own devices.
+        ("bn_bessel", [[0, 1, 2], [3, 4, 5, 6, 7]]),
+    ],
+)
+def test_pmap_axis_index_groups(kind, groups):
+    """Groups of devices are normalized independently, each as its own batch."""
     x, params, stats, g, _ = _problem(5)
     fn, kw = KINDS[kind]
-    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
     xs = jnp.asarray(x, jnp.float32).reshape(D, B, *SHAPE[1:])
 
     def run(xs, params):
@@ -269,9 +276,8 @@ def test_pmap_axis_index_groups(kind):
         return jnp.sum(y * jnp.asarray(g, jnp.float32).reshape(xs.shape)), (y, new)
 
     (_, (y, new)), (dx, _dp) = jax.value_and_grad(loss, (0, 1), has_aux=True)(xs, _f32(params))
-    half = D * B // 2
-    for i, group in enumerate(groups):
-        sl = slice(i * half, (i + 1) * half)
+    for group in groups:
+        sl = slice(group[0] * B, (group[-1] + 1) * B)
         ref = reference.normalize(
             x[sl], params["scale"], params["bias"], stats["mean"], stats["var"], g[sl], **kw
         )
@@ -363,6 +369,32 @@ def test_one_all_reduce_per_layer_forward_and_at_most_two_with_backward(norm, ma
     # The backward adds one per layer (both per-feature gradient sums together); the
     # gradient of the Dense parameters is not synchronized here (no pmean in `train`).
     assert _count_all_reduces(both.as_text()) <= 4
+
+
+def _all_reduce_rows(compiled_text: str) -> list[int]:
+    """The leading dimension of each all-reduce's operand: the per-feature rows it sums."""
+    rows = []
+    for line in compiled_text.splitlines():
+        if " all-reduce(" in line or " all-reduce-start(" in line:
+            rows.append(int(line.split(" = f32[", 1)[1].split(",", 1)[0]))
+    return rows
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_a_constant_count_stays_out_of_the_all_reduce(masked):
+    """Without a mask every device holds as many values: the forward all-reduce sums
+    (sum, sum of squares) and the count is a constant; with a mask, three rows.
+    """
+    x = jnp.ones((D, B, 2, 3))
+    mask = jnp.ones((D, B, 2, 1), bool) if masked else None
+
+    def forward(x, m):
+        stats = jaxrenorm.init_batch_stats(3)
+        return jaxrenorm.batch_norm(x, {}, stats, use_running_average=False, axis_name="d", mask=m)
+
+    in_axes = (0, None if mask is None else 0)
+    f = jax.pmap(forward, axis_name="d", in_axes=in_axes).lower(x, mask).compile()
+    assert _all_reduce_rows(f.as_text()) == [3 if masked else 2]
 
 
 def test_exact_two_pass_uses_two_all_reduces_per_layer():
