@@ -11,9 +11,15 @@ that machine noise hits them alike. The compiled step's run time (median of
 interleaved calls) and temporary memory are reported beside it, so that compile
 time is not bought with either.
 
-Run: `python benchmarks/compile_time.py` (about two minutes on 2 CPU cores) or
-`--quick` (a narrow ResNet of one block on 8x8 images, one round: only proves it
-runs). Prints a Markdown table.
+`--pmap` compiles the example's data-parallel step instead: `jax.pmap` over
+every local device with `axis_name="batch"` on each norm layer, the gradients
+and the new `batch_stats` averaged with `lax.pmean`, a batch of 16 per device.
+On a host without accelerators, create the devices first:
+`XLA_FLAGS=--xla_force_host_platform_device_count=8`.
+
+Run: `python benchmarks/compile_time.py [--pmap]` (about two minutes on 2 CPU
+cores) or `--quick` (a narrow ResNet of one block on 8x8 images, one round: only
+proves it runs). Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax import lax
 
 import jaxrenorm
 
@@ -79,8 +86,8 @@ class ResNet(nn.Module):
         return nn.Dense(self.classes)(jnp.mean(x, axis=(1, 2)))
 
 
-def train_step(model: nn.Module, tx: optax.GradientTransformation):
-    """The training step of Flax's ImageNet example, on one device."""
+def train_step(model: nn.Module, tx: optax.GradientTransformation, axis_name: str | None = None):
+    """The training step of Flax's ImageNet example; with `axis_name`, its pmap step."""
 
     def step(params, batch_stats, opt_state, images, labels):
         def loss_fn(params):
@@ -94,6 +101,9 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation):
             return loss, updates["batch_stats"]
 
         (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        if axis_name is not None:
+            grads = lax.pmean(grads, axis_name)
+            batch_stats = lax.pmean(batch_stats, axis_name)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
@@ -101,41 +111,59 @@ def train_step(model: nn.Module, tx: optax.GradientTransformation):
 
 
 TX = optax.sgd(0.1, momentum=0.9, nesterov=True)
+AXIS = "batch"  # the pmap axis, as in Flax's ImageNet example
 
 
-def initial_arguments(layer: Callable[..., nn.Module], model_args: dict, batch: tuple) -> tuple:
-    """The step's arguments: initial variables, optimizer state and the batch."""
-    variables = ResNet(layer, **model_args).init(jax.random.key(0), batch[0], train=False)
-    return (variables["params"], variables["batch_stats"], TX.init(variables["params"]), *batch)
+def initial_arguments(
+    layer: Callable[..., nn.Module], model_args: dict, batch: tuple, pmap: bool
+) -> tuple:
+    """The step's arguments: initial variables, optimizer state and the batch.
+
+    With `pmap` the state is replicated on every local device and the batch (a
+    leading device axis) split across them.
+    """
+    variables = ResNet(layer, **model_args).init(jax.random.key(0), batch[0][0], train=False)
+    state = (variables["params"], variables["batch_stats"], TX.init(variables["params"]))
+    if not pmap:
+        return (*state, *(b[0] for b in batch))
+    devices = jax.local_device_count()
+    state = jax.tree.map(lambda a: jnp.broadcast_to(a, (devices, *a.shape)), state)
+    return jax.pmap(lambda *a: a)(*state, *batch)
 
 
-def measure(layer: Callable[..., nn.Module], model_args: dict, args: tuple) -> dict:
+def measure(layer: Callable[..., nn.Module], model_args: dict, args: tuple, pmap: bool) -> dict:
     """Trace + lower and XLA compile seconds of one step, from empty caches, and the program."""
     model = ResNet(layer, **model_args)
     jax.clear_caches()
     start = time.perf_counter()
-    lowered = jax.jit(train_step(model, TX)).lower(*args)
+    if pmap:
+        lowered = jax.pmap(train_step(model, TX, AXIS), axis_name=AXIS).lower(*args)
+    else:
+        lowered = jax.jit(train_step(model, TX)).lower(*args)
     traced = time.perf_counter()
     compiled = lowered.compile()
     done = time.perf_counter()
     return {"trace": traced - start, "xla": done - traced, "compiled": compiled}
 
 
-def run(model_args: dict, images: tuple[int, ...], rounds: int, step_rounds: int) -> str:
-    """The Markdown table for a ResNet of `model_args` on a batch of this shape."""
+def run(
+    model_args: dict, images: tuple[int, ...], rounds: int, step_rounds: int, pmap: bool = False
+) -> str:
+    """The Markdown table for a ResNet of `model_args` on a batch of this shape (per device)."""
     key_x, key_y = jax.random.split(jax.random.key(1))
-    batch_size = images[0]
-    images = jax.random.normal(key_x, images)
-    labels = jax.random.randint(key_y, (batch_size,), 0, 10)
+    devices = jax.local_device_count() if pmap else 1
+    images = jax.random.normal(key_x, (devices, *images))
+    labels = jax.random.randint(key_y, images.shape[:2], 0, 10)
+    layers = {n: functools.partial(l, axis_name=AXIS) if pmap else l for n, l in LAYERS.items()}
     # Initialized once per layer, before any measurement: an eager init compiles each
     # of its operations, again after every `clear_caches`, and costs more than the step.
-    args = {n: initial_arguments(LAYERS[n], model_args, (images, labels)) for n in LAYERS}
+    args = {n: initial_arguments(layers[n], model_args, (images, labels), pmap) for n in LAYERS}
     times: dict[str, dict[str, list[float]]] = {n: {"trace": [], "xla": []} for n in LAYERS}
     programs = {}
     order = np.random.default_rng(0)
     for _ in range(rounds):
         for name in order.permutation(list(LAYERS)):
-            m = measure(LAYERS[name], model_args, args[name])
+            m = measure(layers[name], model_args, args[name], pmap)
             times[name]["trace"].append(m["trace"])
             times[name]["xla"].append(m["xla"])
             programs[name] = (m["compiled"], args[name])
@@ -178,6 +206,7 @@ def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a narrow ResNet, one round")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--pmap", action="store_true", help="the pmap step over local devices")
     args = parser.parse_args(argv)
     if args.quick:
         model = "ResNet of one block, width 4, training step (batch 4, 8x8x3)"
@@ -185,7 +214,9 @@ def main(argv: list[str] | None = None) -> str:
     else:
         model = "ResNet-18 training step (batch 16, 32x32x3)"
         model_args, images, rounds, step_rounds = {}, (16, 32, 32, 3), args.rounds, 21
-    table = run(model_args, images, rounds=rounds, step_rounds=step_rounds)
+    if args.pmap:
+        model += f" under jax.pmap over {jax.local_device_count()} devices (batch per device)"
+    table = run(model_args, images, rounds=rounds, step_rounds=step_rounds, pmap=args.pmap)
     report = (
         f"{model}, medians over {rounds} rounds from "
         f"empty caches; {platform.machine()}, {jax.devices()[0].device_kind}, "

@@ -5,6 +5,8 @@ import pathlib
 import re
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -36,10 +38,14 @@ def test_formulations_quick_prints_both_tables(monkeypatch, capsys):
     assert _norm._save_per_feature is policy
 
 
-def test_compile_time_quick_prints_every_layer(monkeypatch):
-    """In process, first in its worker (tests/conftest.py): it empties JAX's caches."""
+@pytest.mark.parametrize("mode", [[], ["--pmap"]], ids=["jit", "pmap"])
+def test_compile_time_quick_prints_every_layer(monkeypatch, mode):
+    """In process, first in its worker (tests/conftest.py): it empties JAX's caches.
+
+    `--pmap` runs on the 8 CPU devices of tests/conftest.py.
+    """
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
-    report = importlib.import_module("compile_time").main(["--quick"])
+    report = importlib.import_module("compile_time").main(["--quick", *mode])
     cells = r"\d+\.\d\d s \| \d+\.\d\d s \| \d+\.\d\d s \| \d+\.\d\dx \| \d+\.\d\dx \(\d+\.\d ms\)"
     for layer in ("flax.linen.BatchNorm", "BatchNorm", "BatchRenorm", "InstanceRenorm"):
         assert re.search(
