@@ -69,6 +69,7 @@ from jaxrenorm._docs import documents
 from jaxrenorm._stats import (
     Moments,
     compute_moments,
+    device_group_sizes,
     explicit_sharding,
     first_valid,
     merge_moments,
@@ -447,9 +448,8 @@ def _values_per_group(layout: Layout, options: Options) -> tuple[int, tuple[int,
         values = values // layout.shape[0] * v
         return values, layout.shape, f"virtual groups of {v} example, no other axis reduced"
     if values == 1 and options.axis_name is not None:
-        names = options.axis_name if isinstance(options.axis_name, tuple) else (options.axis_name,)
-        groups = options.axis_index_groups
-        devices = len(groups[0]) if groups else int(np.prod([lax.axis_size(n) for n in names]))
+        # The smallest group of devices decides: its statistics have the fewest values.
+        devices = min(device_group_sizes(options.axis_name, options.axis_index_groups))
         where = f"one example on the {devices} device along {options.axis_name!r}"
         return values * devices, layout.shape, where
     return values, layout.shape, "a batch of one example, no other axis reduced"

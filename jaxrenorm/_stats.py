@@ -223,21 +223,24 @@ def _all_sum_counted(
     constant: the divisions by it become multiplications XLA fuses into their
     consumers, where a summed count made each division a kernel of its own.
     """
-    devices = _devices(axis_name, axis_index_groups) if static else None
-    if devices is None:
+    sizes = device_group_sizes(axis_name, axis_index_groups) if static else set()
+    if len(sizes) != 1:  # groups of different sizes count differently
         return _all_sum([count, *sums], axis_name, axis_index_groups)
-    return [count * devices, *_all_sum(sums, axis_name, axis_index_groups)]
+    return [count * sizes.pop(), *_all_sum(sums, axis_name, axis_index_groups)]
 
 
-def _devices(axis_name: Any, axis_index_groups: Any) -> int | None:
-    """How many devices one all-reduce sums over; None if `axis_index_groups` differ in size."""
+def device_group_sizes(axis_name: Any, axis_index_groups: Any) -> set[int]:
+    """The numbers of devices whose values an all-reduce over `axis_name` sums, per group.
+
+    {1} without an axis name; one size per distinct group size with
+    `axis_index_groups`. Static: read at trace time.
+    """
     if axis_name is None:
-        return 1
-    if axis_index_groups is not None:
-        sizes = {len(group) for group in axis_index_groups}
-        return sizes.pop() if len(sizes) == 1 else None
+        return {1}
+    if axis_index_groups:
+        return {len(group) for group in axis_index_groups}
     names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    return int(np.prod([lax.axis_size(name) for name in names]))
+    return {int(np.prod([lax.axis_size(name) for name in names]))}
 
 
 def compute_moments(

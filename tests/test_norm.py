@@ -600,6 +600,19 @@ def test_one_value_per_feature_counts_devices_and_spatial_axes():
             lambda x: jaxrenorm.batch_norm(x, {}, stats, use_running_average=False, axis_name="d"),
             axis_name="d",
         )(jnp.ones((1, 1, 3)))
+    # Groups of devices: the smallest decides (a group of one device holds one value).
+    with pytest.raises(ValueError, match="one example on the 1 device along 'd'"):
+        jax.pmap(
+            lambda x: jaxrenorm.batch_norm(
+                x,
+                {},
+                stats,
+                use_running_average=False,
+                axis_name="d",
+                axis_index_groups=[[1, 2, 3, 4, 5, 6, 7], [0]],
+            ),
+            axis_name="d",
+        )(x)
 
 
 def test_modules_refuse_one_value_per_feature_but_linen_initializes_with_one():
