@@ -9,7 +9,8 @@ process would, and splits the time into tracing and lowering to StableHLO
 (order shuffled with a fixed seed) and each cell is the median over rounds, so
 that machine noise hits them alike. The compiled step's run time (median of
 interleaved calls) and temporary memory are reported beside it, so that compile
-time is not bought with either.
+time is not bought with either. Wall-clock time is what a user waits; the
+process's CPU time (all threads) varies less from run to run on a shared machine.
 
 `--pmap` compiles the example's data-parallel step instead: `jax.pmap` over
 every local device with `axis_name="batch"` on each norm layer, the gradients
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import gc
 import platform
 import time
 from collections.abc import Callable
@@ -132,10 +134,16 @@ def initial_arguments(
 
 
 def measure(layer: Callable[..., nn.Module], model_args: dict, args: tuple, pmap: bool) -> dict:
-    """Trace + lower and XLA compile seconds of one step, from empty caches, and the program."""
+    """Trace + lower and XLA compile seconds of one step, from empty caches, and the program.
+
+    "cpu" is the process's CPU time over both (every thread: XLA compiles kernels
+    in parallel), steadier than wall-clock time on a shared machine.
+    """
     model = ResNet(layer, **model_args)
     jax.clear_caches()
-    start = time.perf_counter()
+    # The previous measurement's garbage is collected here, not while this one runs.
+    gc.collect()
+    start, cpu = time.perf_counter(), time.process_time()
     if pmap:
         lowered = jax.pmap(train_step(model, TX, AXIS), axis_name=AXIS).lower(*args)
     else:
@@ -143,7 +151,8 @@ def measure(layer: Callable[..., nn.Module], model_args: dict, args: tuple, pmap
     traced = time.perf_counter()
     compiled = lowered.compile()
     done = time.perf_counter()
-    return {"trace": traced - start, "xla": done - traced, "compiled": compiled}
+    cpu = time.process_time() - cpu
+    return {"trace": traced - start, "xla": done - traced, "cpu": cpu, "compiled": compiled}
 
 
 def run(
@@ -158,29 +167,30 @@ def run(
     # Initialized once per layer, before any measurement: an eager init compiles each
     # of its operations, again after every `clear_caches`, and costs more than the step.
     args = {n: initial_arguments(layers[n], model_args, (images, labels), pmap) for n in LAYERS}
-    times: dict[str, dict[str, list[float]]] = {n: {"trace": [], "xla": []} for n in LAYERS}
+    times = {n: {"trace": [], "xla": [], "cpu": []} for n in LAYERS}
     programs = {}
     order = np.random.default_rng(0)
     for _ in range(rounds):
         for name in order.permutation(list(LAYERS)):
             m = measure(layers[name], model_args, args[name], pmap)
-            times[name]["trace"].append(m["trace"])
-            times[name]["xla"].append(m["xla"])
+            for key in times[name]:
+                times[name][key].append(m[key])
             programs[name] = (m["compiled"], args[name])
     step_time = interleaved_step_times(programs, step_rounds)
     base = "flax.linen.BatchNorm"
     med = {n: {k: float(np.median(v)) for k, v in t.items()} for n, t in times.items()}
     total = {n: m["trace"] + m["xla"] for n, m in med.items()}
     rows = [
-        "| layer | trace + lower | XLA compile | total | vs Flax | step time vs Flax "
-        "| temp memory |",
-        "|---|---|---|---|---|---|---|",
+        "| layer | trace + lower | XLA compile | total | vs Flax | CPU time (vs Flax) "
+        "| step time vs Flax | temp memory |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in LAYERS:
         temp = programs[name][0].memory_analysis().temp_size_in_bytes
         rows.append(
             f"| {name} | {med[name]['trace']:.2f} s | {med[name]['xla']:.2f} s "
             f"| {total[name]:.2f} s | {total[name] / total[base]:.2f}x "
+            f"| {med[name]['cpu']:.2f} s ({med[name]['cpu'] / med[base]['cpu']:.2f}x) "
             f"| {step_time[name] / step_time[base]:.2f}x ({step_time[name] * 1e3:.1f} ms) "
             f"| {temp / 2**20:.1f} MiB |"
         )
