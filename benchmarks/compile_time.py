@@ -10,7 +10,8 @@ process would, and splits the time into tracing and lowering to StableHLO
 that machine noise hits them alike. The compiled step's run time (median of
 interleaved calls) and temporary memory are reported beside it, so that compile
 time is not bought with either. Wall-clock time is what a user waits; the
-process's CPU time (all threads) varies less from run to run on a shared machine.
+process's CPU time (all threads) counts only its own work, which other load on a
+shared machine moves less.
 
 `--pmap` compiles the example's data-parallel step instead: `jax.pmap` over
 every local device with `axis_name="batch"` on each norm layer, the gradients
@@ -137,7 +138,7 @@ def measure(layer: Callable[..., nn.Module], model_args: dict, args: tuple, pmap
     """Trace + lower and XLA compile seconds of one step, from empty caches, and the program.
 
     "cpu" is the process's CPU time over both (every thread: XLA compiles kernels
-    in parallel), steadier than wall-clock time on a shared machine.
+    in parallel).
     """
     model = ResNet(layer, **model_args)
     jax.clear_caches()
