@@ -21,10 +21,13 @@ model is evaluated on the (i.i.d.) test set with the running statistics. The
 seeds of a configuration train side by side under `jax.vmap`, and each training
 run is one `lax.scan`.
 
-Writes a Markdown table (mean and std over seeds) and a PNG plot to --out-dir and
-prints the table, plus how often BatchRenorm's clipping was active late in
-training, and the learned InstanceRenorm gates. Default: 3 seeds x 1,500 steps,
-about 2 minutes on a 2-core x86-64 CPU;
+Writes a Markdown table (mean and std over seeds) and a PNG plot to --out-dir
+(default `examples/results/latest/`) and prints the table, plus how often
+BatchRenorm's clipping was active late in training, and the learned
+InstanceRenorm gates. Then it compares its table, cell by cell, with the
+published one (`examples/results/small_batches.md`, the table README shows),
+which a run never overwrites unless it is given `--out-dir examples/results`.
+Default: 3 seeds x 1,500 steps, about 2 minutes on a 2-core x86-64 CPU;
 `--quick` (1 seed, 150 steps, the two settings with groups of 4) is a smoke
 test of about 30 seconds.
 
@@ -35,9 +38,11 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import os
 import pathlib
 import platform
+import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -60,6 +65,8 @@ SETTINGS = {  # name: (virtual batch size, one class per group)
 }
 QUICK_SETTINGS = ("i.i.d. 4", "one class per 4")  # one virtual batch size: 4 compilations
 BATCH = 32
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+PUBLISHED = RESULTS / "small_batches.md"  # the table README shows
 
 
 def methods(total_steps: int) -> dict[str, Callable[[int], Callable[..., nn.Module]]]:
@@ -271,13 +278,14 @@ def main(argv: list[str] | None = None) -> str:
         "--out-dir",
         type=pathlib.Path,
         default=None,
-        help="default: examples/results (examples/results/quick with --quick)",
+        help="default: examples/results/latest (examples/results/quick with --quick); "
+        "examples/results publishes the run",
     )
     args = parser.parse_args(argv)
     if args.quick:
         args.seeds, args.steps = 1, 150
-    if args.out_dir is None:  # a smoke test never overwrites the published results
-        args.out_dir = pathlib.Path(__file__).parent / "results" / ("quick" if args.quick else "")
+    if args.out_dir is None:  # a run never overwrites the published results by default
+        args.out_dir = RESULTS / ("quick" if args.quick else "latest")
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
     data = load_data(0)
@@ -362,7 +370,57 @@ def main(argv: list[str] | None = None) -> str:
     title = about.replace("; ", "\n", 1)
     plot(results, list(settings), list(all_methods), args.out_dir / "small_batches.png", title)
     print(f"wrote {args.out_dir / 'small_batches.md'} and {args.out_dir / 'small_batches.png'}")
+    if PUBLISHED.exists() and args.out_dir.resolve() != RESULTS:
+        print(compare(report, PUBLISHED.read_text()))
     return report
+
+
+def parse_report(report: str) -> tuple[dict[tuple[str, str], tuple[float, float]], int, int]:
+    """The accuracy table of a report: ({(method, setting): (mean, std)}, seeds, steps)."""
+    lines = report.strip().splitlines()
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    settings = header[1:]
+    cells = {}
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        method, *values = (c.strip() for c in line.strip("|").split("|"))
+        for setting, value in zip(settings, values, strict=True):
+            mean, std = value.split(" ± ")
+            cells[(method, setting)] = (float(mean), float(std))
+    about = re.search(r"over (\d+) seeds?, ([\d,]+) steps", report)
+    if about is None:
+        raise ValueError("the report has no 'over N seeds, M steps' caption")
+    return cells, int(about.group(1)), int(about.group(2).replace(",", ""))
+
+
+def compare(report: str, published: str) -> str:
+    """Says, cell by cell, how this run's accuracy table compares with the published one.
+
+    A cell agrees when the difference of the two means is within 3 standard errors
+    of a difference of means over seeds, sqrt(s1^2 / n1 + s2^2 / n2), plus 0.1 for
+    the rounding of both tables to one decimal. Training on one-class groups is
+    chaotic: its last digits move from one CPU to another.
+    """
+    cells, seeds, steps = parse_report(report)
+    ref, ref_seeds, ref_steps = parse_report(published)
+    where = f"the published table ({PUBLISHED.relative_to(RESULTS.parents[1])})"
+    if steps != ref_steps:
+        return f"Not compared with {where}: it trained {ref_steps:,} steps, this run {steps:,}."
+    common = [k for k in cells if k in ref]
+    differ = []
+    for key in common:
+        (m, s), (m0, s0) = cells[key], ref[key]
+        if abs(m - m0) > 3 * math.sqrt(s**2 / seeds + s0**2 / ref_seeds) + 0.1:
+            differ.append(
+                f"  {key[0]} / {key[1]}: {m0:.1f} ± {s0:.1f} published, "
+                f"{m:.1f} ± {s:.1f} here ({m - m0:+.1f})"
+            )
+    summary = (
+        f"Compared with {where}, {ref_seeds} seeds: {len(common) - len(differ)} of "
+        f"{len(common)} cells agree within 3 standard errors"
+    )
+    return summary + ("." if not differ else "; these differ:\n" + "\n".join(differ))
 
 
 if __name__ == "__main__":

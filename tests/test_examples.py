@@ -63,6 +63,25 @@ def test_small_batches_quick(tmp_path, monkeypatch, capsys):
     )
     png = (tmp_path / "small_batches.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # The run says how it compares with the published table, which it leaves alone.
+    assert "Not compared with the published table" in out and "this run 150" in out
+
+
+def test_small_batches_compares_a_run_with_the_published_table(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    small_batches = importlib.import_module("small_batches")
+    published = small_batches.PUBLISHED.read_text()
+    cells, _, steps = small_batches.parse_report(published)
+    assert len(cells) == len(small_batches.methods(steps)) * len(small_batches.SETTINGS)
+    n = len(cells)
+    assert f"{n} of {n} cells agree" in small_batches.compare(published, published)
+    # One cell moved by far more than its seeds' spread: named, with both values.
+    method, setting = "BatchNorm", "i.i.d. 32"
+    mean, std = cells[(method, setting)]
+    moved = published.replace(f"| {method} | {mean:.1f} ± {std:.1f}", f"| {method} | 50.0 ± 0.1")
+    said = small_batches.compare(moved, published)
+    assert f"{n - 1} of {n} cells agree" in said
+    assert f"{method} / {setting}: {mean:.1f} ± {std:.1f} published, 50.0 ± 0.1 here" in said
 
 
 def test_quickstart_nnx_trains(monkeypatch, capsys):
