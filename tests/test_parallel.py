@@ -23,6 +23,9 @@ from tests import reference
 from tests.harness import Run
 from tests.test_norm import PADDED_KINDS, assert_padded_matches, padded, padded_reference
 
+# Round-off-sensitive: .ci/run runs this file again with XLA:CPU limited to AVX2.
+pytestmark = pytest.mark.roundoff
+
 D = 8  # devices (tests/conftest.py)
 B = 4  # examples per device
 SHAPE = (D * B, 2, 3)  # (batch, length, features)
