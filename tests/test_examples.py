@@ -7,14 +7,19 @@ import re
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def _example(name: str, monkeypatch):
+    """examples/<name>.py imported as a module (the examples import quickstart)."""
+    monkeypatch.syspath_prepend(str(ROOT / "examples"))
+    return importlib.import_module(name)
+
+
 def _run_example(script: str, *args: str, monkeypatch, capsys) -> str:
     """Runs examples/<script>'s `main(args)` in this process; returns what it printed.
 
     In-process: no interpreter start-up and no second import of JAX, and the
     example runs on the 8 CPU devices the test session already has.
     """
-    monkeypatch.syspath_prepend(str(ROOT / "examples"))  # the examples import quickstart
-    importlib.import_module(script.removesuffix(".py")).main(list(args))
+    _example(script.removesuffix(".py"), monkeypatch).main(list(args))
     return capsys.readouterr().out
 
 
@@ -68,8 +73,7 @@ def test_small_batches_quick(tmp_path, monkeypatch, capsys):
 
 
 def test_small_batches_compares_a_run_with_the_published_table(monkeypatch):
-    monkeypatch.syspath_prepend(str(ROOT / "examples"))
-    small_batches = importlib.import_module("small_batches")
+    small_batches = _example("small_batches", monkeypatch)
     published = small_batches.PUBLISHED.read_text()
     cells, _, steps = small_batches.parse_report(published)
     assert len(cells) == len(small_batches.methods(steps)) * len(small_batches.SETTINGS)
@@ -92,8 +96,7 @@ def test_quickstart_nnx_trains(monkeypatch, capsys):
 
 def test_custom_loop_trains_in_process(monkeypatch, capsys):
     """The pure-function loop, imported and run in this process (no interpreter start-up)."""
-    monkeypatch.syspath_prepend(str(ROOT / "examples"))  # it imports quickstart's data
-    custom_loop = importlib.import_module("custom_loop")
+    custom_loop = _example("custom_loop", monkeypatch)
     accuracy = custom_loop.main(["--steps", "300"])
     assert accuracy > 0.95  # 0.98-0.99 over seeds 0-3
     assert f"test accuracy: {accuracy:.4f}" in capsys.readouterr().out
@@ -105,8 +108,7 @@ def test_small_batches_conv_is_flax_conv(monkeypatch):
     import jax
     import numpy as np
 
-    monkeypatch.syspath_prepend(str(ROOT / "examples"))
-    small_batches = importlib.import_module("small_batches")
+    small_batches = _example("small_batches", monkeypatch)
     x = jax.random.normal(jax.random.key(0), (2, 6, 6, 5))
     variables = nn.Conv(7, (3, 3), use_bias=False).init(jax.random.key(1), x)
     np.testing.assert_allclose(
