@@ -8,43 +8,39 @@ named stages with records between them:
 2. `_broadcast`: those values reshaped to broadcast against the input and
    promoted to the dtype they are computed in.
 3. Either `_inference` (the running statistics), or `_train`: the training
-   forward pass under `jax.checkpoint`, itself three stages: `_batch_moments`
-   (per-example moments merged for the instance branch), `_coefficients`
-   (a, c and the renorm terms r, d), and the affine output
-   y = (x - shift) * a + c (`_affine_output`, or `_mix_instance`).
+   forward pass `_train_forward` (its docstring maps each equation of the papers
+   to the function that computes it): `_batch_moments`, `_coefficients` (a, c and
+   the renorm terms r, d), and the output y = (x - shift) * a + c
+   (`_affine_output`, or `_mix_instance`).
 4. `_update_running`: the new running statistics.
 
-Static settings reach the checkpointed forward pass as one frozen record
-(`Plan`); traced values (the input, the per-feature values, the mask and the
-renorm bounds) are its arguments.
+Static settings reach the training forward pass as one frozen record (`Plan`,
+derived from `Options` by `_plan`); traced values (the input, the per-feature
+values, the mask and the renorm bounds) are its arguments.
 
 Why this shape (the figures are in docs/benchmarks.md): one multiply-add with
 per-feature coefficients keeps every full-size operation in a single elementwise
 pass, and centering by the moments' own reference point k (not by mean = k + m1,
 which rounds away the low bits on offset data) keeps the output accurate to a few
-ulp. The backward pass is JAX's autodiff of this under `jax.checkpoint` with a
-policy that saves only per-feature values, so XLA recomputes x - k inside the
-backward's fused loops instead of storing full-size intermediates; a `custom_vjp`
-with the analytic backward would make the same passes but break forward mode
-(jvp, jacfwd, hessian).
+ulp. The backward pass is JAX's autodiff of this; what the compiled program needs
+besides the math (the `jax.checkpoint` policy and what it saves, the cache of
+checkpointed functions, kernels avoided) is in `jaxrenorm._xla`, where each piece
+says why. A `custom_vjp` with the analytic backward would make the same passes
+but break forward mode (jvp, jacfwd, hessian).
 
-To add an option: a field of `Options` (with the public default), the keyword in
-the signatures of the public functions that take it, and its use in the one stage
-it concerns. The modules pass every field they hold under an `Options` name
-(`jaxrenorm._layers`), so a field of that name on the module is all they need.
+`tests/reference.py` computes every one of these functions independently, in
+float64 NumPy, one formula per line; the tests compare the two.
 """
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
-from jax.ad_checkpoint import checkpoint_name
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -76,6 +72,7 @@ from jaxrenorm._stats import (
     sharded_like,
     stats_dtype,
 )
+from jaxrenorm._xla import checkpointed, inverse_bound, materialized, rsqrt, saved
 
 Params = Mapping[str, jax.Array | None] | None
 BatchStats = Mapping[str, jax.Array]
@@ -106,6 +103,10 @@ class Options(NamedTuple):
     grad_through_batch_moments: bool | str = True
     instance: bool = False
     initializing: bool = False  # a linen `init`: any batch, even of one, is fine
+    # The `jax.checkpoint` policy of the training forward pass; None is the shipped
+    # one (`jaxrenorm._xla.save_per_feature`). Not public: benchmarks/formulations.py
+    # sets it, through a layer field of this name, to measure plain autodiff.
+    remat_policy: Any = None
 
     @classmethod
     def of(cls, keywords: Mapping[str, Any], **extra: Any) -> Options:
@@ -340,16 +341,21 @@ class PerFeature(NamedTuple):
 
 
 class Plan(NamedTuple):
-    """Static settings of the forward pass, fixed before it is traced."""
+    """Static settings of the forward pass, fixed before it is traced (`_plan`).
+
+    The fields up to `dtype` are derived from the input's layout and the options;
+    the others are the `Options` fields of the same name, copied.
+    """
 
     reduction_axes: tuple[int, ...]
     example_axes: tuple[int, ...]  # the instance branch's per-example axis; () without it
-    axis_name: Any
+    axis_name: Any  # None with virtual groups, which are local to each device
+    grad_through_batch_moments: bool | str  # True, False or "adaptive"; True without renorm
+    dtype: jnp.dtype  # statistics and output are computed in it: the input's, >= float32
     axis_index_groups: Any
     use_fast_variance: bool
-    grad_through_batch_moments: bool | str  # True, False or "adaptive"
     epsilon: float
-    dtype: jnp.dtype  # statistics and output are computed in it: the input's, >= float32
+    remat_policy: Any
 
     @property
     def spatial_axes(self) -> tuple[int, ...]:
@@ -457,17 +463,16 @@ def _values_per_group(layout: Layout, options: Options) -> tuple[int, tuple[int,
 
 def _plan(layout: Layout, options: Options, dtype: jnp.dtype) -> Plan:
     """The static settings of a call over the whole batch (see `_train` for groups)."""
-    return Plan(
+    derived = dict(
         reduction_axes=layout.reduction_axes,
         example_axes=(0,) if options.instance else (),
         # Virtual groups are local to each device, even a group that is the whole batch.
         axis_name=None if options.virtual_batch_size is not None else options.axis_name,
-        axis_index_groups=options.axis_index_groups,
-        use_fast_variance=options.use_fast_variance,
         grad_through_batch_moments=_moment_gradient(options),
-        epsilon=options.epsilon,
         dtype=stats_dtype(dtype),
     )
+    copied = {name: getattr(options, name) for name in Plan._fields if name not in derived}
+    return Plan(**derived, **copied)
 
 
 def _moment_gradient(options: Options) -> bool | str:
@@ -511,7 +516,7 @@ def _inference(
     The instance branch mixes in each example's own moments, so no example's
     output depends on another example.
     """
-    a = _rsqrt(per_feature.var + plan.epsilon)
+    a = rsqrt(per_feature.var + plan.epsilon)
     a = a if per_feature.scale is None else a * per_feature.scale
     x = x.astype(plan.dtype)
     if per_feature.gate is None:
@@ -551,38 +556,10 @@ def _train(
             reduction_axes=(1, *(a + 1 for a in plan.reduction_axes if a != 0)),
             example_axes=(1,) if plan.example_axes else (),
         )
-    # Rematerialize the full-size intermediates in the backward pass from x instead
-    # of keeping them: the layer is memory-bound, so recomputing an elementwise
-    # expression inside the backward's fused loops is free, and storing it is not.
-    # Only per-feature values are saved (see `_save_per_feature`).
-    forward = _checkpointed_forward(plan, jitted=isinstance(x, jax.core.Tracer))
+    # Differentiated under `jax.checkpoint`, saving only per-feature values (`jaxrenorm._xla`).
+    forward = checkpointed(_train_forward, plan, x, plan.remat_policy)
     y, moments, terms = forward(x, per_feature, mask, bounds)
     return (y if group is None else _merge_groups(y)), moments, terms
-
-
-def _checkpointed_forward(plan: Plan, jitted: bool) -> Callable[..., Any]:
-    """`_train_forward` for `plan` under `jax.checkpoint`, one function object per plan.
-
-    JAX caches the traced, differentiated and transposed forward pass by the
-    identity of the function it was given, so layers that share a plan and shapes
-    (most layers of a network) are traced and differentiated once, not once each.
-    Inside a trace (`jitted`) it is also a `jax.jit` function, which JAX lowers
-    once per shape and XLA inlines, so that its autodiff is cached too; eager
-    calls run operation by operation.
-    """
-    try:
-        return _checkpointed_forward_cached(plan, jitted, _save_per_feature)
-    except TypeError:  # an unhashable setting (e.g. axis_index_groups as lists)
-        return _checkpointed_forward_cached.__wrapped__(plan, jitted, _save_per_feature)
-
-
-@functools.lru_cache(maxsize=256)
-def _checkpointed_forward_cached(
-    plan: Plan, jitted: bool, policy: Callable[..., bool]
-) -> Callable[..., Any]:
-    forward = functools.partial(_train_forward, plan)
-    forward = jax.checkpoint(forward, policy=policy, prevent_cse=True)
-    return jax.jit(forward) if jitted else forward
 
 
 def _train_forward(
@@ -592,7 +569,28 @@ def _train_forward(
     mask: jax.Array | None,
     bounds: tuple[Any, Any] | None,
 ) -> tuple[jax.Array, Moments, RenormTerms | None]:
-    """Batch moments -> coefficients -> output: the function `jax.checkpoint` wraps."""
+    """The training forward pass: batch moments -> coefficients -> output.
+
+    Algorithm 1 of Ioffe 2017 (arXiv 1702.03275), per feature over the batch (or
+    each virtual group), and where each line is computed:
+
+        mu_B = mean(x)                                  `_batch_moments` (as shift + m1)
+        s_B = sqrt(epsilon + mean((x - mu_B)^2))        `_batch_moments`, `_coefficients`
+        r = stop_gradient(clip(s_B / s, 1/r_max, r_max))     `_renorm_terms`
+        d = stop_gradient(clip((mu_B - mu) / s, -d_max, d_max))  `_renorm_terms`
+        x_hat = (x - mu_B) / s_B * r + d                `_coefficients` (a, c), then
+        y = gamma * x_hat + beta                        `_affine_output`: (x - shift) * a + c
+        mu += alpha * (mu_B - mu), likewise the variance     `_update_running` (after this)
+
+    BatchNorm is the same with r = 1, d = 0. InstanceRenorm adds per example i,
+    over its spatial axes, mu_i and s_i (`_batch_moments`, which merges them into
+    mu_B and s_B in one pass) and mixes y = rho * y_B + (1 - rho) * (gamma *
+    (x - mu_i) / s_i + beta) with rho = clip(rho, 0, 1) (`_mix_instance`,
+    `_unit_gate`). `grad_through_batch_moments` stops (False) or weights
+    ("adaptive", `_moment_gradient_weight`) the gradient through mu_B and s_B.
+    `tests/reference.py` computes each line in float64 NumPy (`normalize`,
+    `instance_renorm`). Wrapped by `jaxrenorm._xla.checkpointed` in `_train`.
+    """
     # Widen once: every use of x then shares one conversion, so the gradient of a
     # half-precision input is summed in float32 and rounded once (converting per
     # use rounded each contribution to bfloat16 and let opposite ones cancel).
@@ -640,7 +638,7 @@ def _batch_moments(
     if not plan.example_axes:
         shift = first_valid_of(x, plan.reduction_axes, mask) if common is None else common
         moments = compute_moments(x, plan.reduction_axes, mask=mask, shift=shift, **collective)
-        return Moments(*(_keep(v) for v in moments)), None
+        return Moments(*(saved(v) for v in moments)), None
     # One pass over the data: per-example moments (each with its own shift, so an
     # example's small spread survives its offset), merged into the batch's.
     parts = compute_moments(
@@ -650,13 +648,13 @@ def _batch_moments(
         use_fast_variance=plan.use_fast_variance,
         shift=first_valid_of(x, plan.spatial_axes, mask),
     )
-    parts = Moments(*(_keep(v) for v in parts))
+    parts = Moments(*(saved(v) for v in parts))
     if common is None and mask is not None:  # an example may have no valid element
         common = first_valid(parts.shift, plan.example_axes, parts.count > 0, running_mean)
     moments = merge_moments(
         parts, plan.example_axes, shift=common, static_count=mask is None, **collective
     )
-    return Moments(*(_keep(v) for v in moments)), parts
+    return Moments(*(saved(v) for v in moments)), parts
 
 
 def _moment_gradient_weight(moments: Moments, epsilon: float) -> jax.Array:
@@ -700,31 +698,29 @@ def _scaled_gradient_jvp(
 def _coefficients(
     plan: Plan, moments: Moments, per_feature: PerFeature, bounds: tuple[Any, Any] | None
 ) -> tuple[jax.Array, jax.Array, RenormTerms | None]:
-    """(a, c, terms) of y = (x - shift) * a + c.
+    """(a, c, terms) of y = (x - shift) * a + c, per feature.
 
-    BatchNorm: a = scale / s_B with s_B = sqrt(var_B + eps). Batch Renormalization
-    (with `bounds`): a = scale * r / s_B and the output gains scale * d. With
-    m1 = mean_B - shift, c = bias + scale * d - m1 * a.
+    With s_B = sqrt(var_B + epsilon), m1 = mu_B - shift (the moments' own offset)
+    and, for Batch Renormalization (`bounds`), the terms r and d of `_renorm_terms`
+    (BatchNorm: r = 1, d = 0):
+
+        a = scale * r / s_B
+        c = bias + scale * d - m1 * a
+
+    so that y = scale * ((x - mu_B) / s_B * r + d) + bias. Written with c rather
+    than (x - mu_B) so that the backward pass needs only the per-feature sums of g
+    and of g * (x - shift): the cotangent of c is sum(g), shared with the bias's.
+    Every coefficient is `saved` for the backward pass, r / s_B and d before the
+    scale too (the scale's gradient needs them).
     """
-    inv_std = _rsqrt(moments.var + plan.epsilon)
-    terms = None
-    if bounds is None:
-        a, b = inv_std, None
-    else:
-        terms = _renorm_terms(plan, moments, per_feature, bounds, inv_std)
-        a, b = inv_std * terms.r, terms.d
-    # Saved before the scale is applied: the gradient of the scale needs them, and
-    # recomputing them (the renorm terms in particular) would repeat their
-    # operations in the backward pass.
-    a, b = _keep(a), _keep(b)
-    if per_feature.scale is not None:
-        a = a * per_feature.scale
-        b = None if b is None else b * per_feature.scale
-    a, b = _keep(a), _keep(_plus(b, per_feature.bias))
-    # y = ((x - k) - m1) * a + b, written so that the backward pass needs only the
-    # per-feature sums of g and of g * (x - k): the cotangent of the per-feature
-    # offset b - m1 * a is sum(g), shared with the bias gradient.
-    c = _keep(_plus(b, -moments.offset * a))
+    scale, bias = per_feature.scale, per_feature.bias
+    inv_std = rsqrt(moments.var + plan.epsilon)  # 1 / s_B
+    terms = None if bounds is None else _renorm_terms(plan, moments, per_feature, bounds, inv_std)
+    r_over_s, d = (inv_std, None) if terms is None else (inv_std * terms.r, terms.d)
+    r_over_s, d = saved(r_over_s), saved(d)
+    a, scaled_d = _times(r_over_s, scale), _times(d, scale)
+    a, b = saved(a), saved(_plus(scaled_d, bias))  # b = bias + scale * d
+    c = saved(_plus(b, -moments.offset * a))
     return a, c, terms
 
 
@@ -735,35 +731,24 @@ def _renorm_terms(
     bounds: tuple[Any, Any],
     inv_std: jax.Array,
 ) -> RenormTerms:
-    """r = s_B / s and d = (mean_B - mean) / s against the running statistics, clipped.
+    """Batch Renormalization's r and d against the running statistics, clipped.
 
-    Both are constants for differentiation (the paper's stop_gradient). `inv_std`
-    is 1 / s_B, so s_B = (var_B + eps) * inv_std needs no second square root.
+    With s = sqrt(var + epsilon) from the running statistics before this call's
+    update:
+
+        r = stop_gradient(clip(s_B / s, 1 / r_max, r_max))
+        d = stop_gradient(clip((mu_B - mean) / s, -d_max, d_max))
+
+    `inv_std` is 1 / s_B, so s_B = (var_B + epsilon) * inv_std needs no second
+    square root; mu_B - mean = (shift - mean) + m1 keeps the low bits of m1.
     """
     r_max, d_max = bounds
-    inv_run_std = _rsqrt(per_feature.var + plan.epsilon)
+    inv_run_std = rsqrt(per_feature.var + plan.epsilon)  # 1 / s
     r = lax.stop_gradient((moments.var + plan.epsilon) * inv_std * inv_run_std)
     d = lax.stop_gradient(((moments.shift - per_feature.mean) + moments.offset) * inv_run_std)
-    # 1 / r_max divided per feature (r > 0 unless NaN): XLA:CPU gives the division
-    # of a scalar that is then broadcast a kernel of its own, one more per layer.
-    r_min = 1.0 / jnp.where(r > 0, r_max, 1.0)
-    clipped_r, clipped_d = _materialized(jnp.clip(r, r_min, r_max), jnp.clip(d, -d_max, d_max))
+    clipped_r = jnp.clip(r, inverse_bound(r_max, r), r_max)
+    clipped_r, clipped_d = materialized(clipped_r, jnp.clip(d, -d_max, d_max))
     return RenormTerms(r=clipped_r, d=clipped_d, r_unclipped=r, d_unclipped=d)
-
-
-def _materialized(*values: jax.Array) -> tuple[jax.Array, ...]:
-    """The values (of one shape), computed together into a buffer of their own.
-
-    XLA:CPU fuses cheap per-feature expressions into every full-size loop that
-    reads them, so the renorm terms (with the schedules behind their bounds) were
-    compiled into each forward and backward kernel of the layer, several times
-    over: large kernels, slow to compile. A reduction is never fused into its
-    consumers, and max(v, -inf) is v exactly (NaN included). For values without
-    a gradient (the renorm terms are constants for differentiation).
-    """
-    stacked = jnp.stack(values)
-    floor = jnp.full_like(stacked, -jnp.inf)
-    return tuple(jnp.max(jnp.stack([stacked, floor]), axis=0))
 
 
 def _affine_output(
@@ -795,35 +780,15 @@ def _mix_instance(
     coefficients, centred on each example's own shift k_i for accuracy.
     """
     gate, scale, bias = _unit_gate(per_feature.gate), per_feature.scale, per_feature.bias
-    a_in = _rsqrt(parts.var + plan.epsilon)
+    a_in = rsqrt(parts.var + plan.epsilon)
     a_in = a_in if scale is None else a_in * scale
-    a_mix = _keep(gate * a + (1 - gate) * a_in)
+    a_mix = saved(gate * a + (1 - gate) * a_in)
     c_batch = _plus((parts.shift - shift) * a, c)
-    c_mix = _keep(gate * c_batch + (1 - gate) * _plus(-parts.offset * a_in, bias))
+    c_mix = saved(gate * c_batch + (1 - gate) * _plus(-parts.offset * a_in, bias))
     if mask is not None:
         # As in `_affine_output`: no 0 * NaN from masked positions reaches gradients.
         x = jnp.where(mask | jnp.isfinite(x), x, parts.shift)
     return (x - parts.shift) * a_mix + c_mix
-
-
-@jax.custom_jvp
-def _rsqrt(v: jax.Array) -> jax.Array:
-    """1 / sqrt(v), whose derivative -0.5 / sqrt(v)^3 is computed by multiplying.
-
-    JAX differentiates `lax.rsqrt` as -0.5 * rsqrt(v) / v, and XLA:CPU gives that
-    division a kernel of its own in every layer (it does not copy a division into
-    the loops that broadcast its result): one kernel less per layer to compile.
-    """
-    return lax.rsqrt(v)
-
-
-@_rsqrt.defjvp
-def _rsqrt_jvp(
-    primals: tuple[jax.Array], tangents: tuple[jax.Array]
-) -> tuple[jax.Array, jax.Array]:
-    (v,), (dv,) = primals, tangents
-    y = lax.rsqrt(v)
-    return y, dv * (-0.5 * y * y * y)
 
 
 @jax.custom_vjp
@@ -852,26 +817,14 @@ def _unit_gate_bwd(rho: jax.Array, g: jax.Array) -> tuple[jax.Array]:
 _unit_gate.defvjp(_unit_gate_fwd, _unit_gate_bwd)
 
 
-# The checkpoint policy: the backward pass keeps the results of reductions and the
-# values marked by `_keep` (all per-feature or per-example), and recomputes the rest.
-_KEEP = "jaxrenorm_per_feature"
-_REDUCTIONS = frozenset({"reduce_sum", "reduce_max", "reduce_min", "psum"})
-_save_kept = jax.checkpoint_policies.save_only_these_names(_KEEP)
-
-
-def _save_per_feature(prim, *args, **params) -> bool:
-    """The `jax.checkpoint` policy: save reductions' results and `_keep`-marked values."""
-    return prim.name in _REDUCTIONS or _save_kept(prim, *args, **params)
-
-
-def _keep(v: jax.Array | None) -> jax.Array | None:
-    """Marks a per-feature (or per-example) value to be saved for the backward pass."""
-    return None if v is None else checkpoint_name(v, _KEEP)
-
-
 def _plus(u: jax.Array | None, v: jax.Array | None) -> jax.Array | None:
     """u + v where None stands for an absent (zero) term."""
     return u if v is None else (v if u is None else u + v)
+
+
+def _times(u: jax.Array | None, v: jax.Array | None) -> jax.Array | None:
+    """u * v where None stands for an absent term: a missing scale (1) or d (0)."""
+    return u if v is None else (None if u is None else u * v)
 
 
 # --- virtual groups -------------------------------------------------------------

@@ -1,11 +1,18 @@
 """The benchmark runs (--quick); its numbers are reported, never asserted."""
 
+import contextlib
 import importlib
+import io
 import pathlib
 import re
 import sys
 
+import jax
+import jax.numpy as jnp
 import pytest
+from jax.ad_checkpoint import print_saved_residuals
+
+import jaxrenorm
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -24,18 +31,35 @@ def test_bench_quick_prints_the_full_table(monkeypatch, capsys):
 
 
 def test_formulations_quick_prints_both_tables(monkeypatch, capsys):
-    """In process (no new interpreter): both tables, and the checkpoint policy restored."""
-    from jaxrenorm import _norm
-
-    policy = _norm._save_per_feature
+    """In process (no new interpreter): both tables, and a plain-autodiff variant that
+    differs from the shipped layer in what its backward pass keeps."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     monkeypatch.setattr(sys, "argv", ["formulations.py", "--quick"])
-    importlib.import_module("formulations").main()
+    formulations = importlib.import_module("formulations")
+    formulations.main()
     out = capsys.readouterr().out
     forward = [line for line in out.splitlines() if re.search(r"\| \d+\.\d\dx \| \d", line)]
     backward = [line for line in out.splitlines() if line.count(" MiB") == 1]
     assert len(forward) == 6 and len(backward) == 3, out
-    assert _norm._save_per_feature is policy
+    # The input is the one full-size value the shipped layer keeps; plain autodiff
+    # keeps a full-size intermediate besides.
+    shipped = _full_size_residuals(jaxrenorm.linen.BatchNorm())
+    assert shipped == 1 < _full_size_residuals(formulations._SavingEverything())
+
+
+def _full_size_residuals(layer) -> int:
+    """How many input-sized values the layer's gradient keeps from its forward pass."""
+    x = jnp.ones((8, 4, 4, 3))
+    variables = layer.init(jax.random.key(0), x, use_running_average=False)
+
+    def loss(x):
+        y, _ = layer.apply(variables, x, use_running_average=False, mutable=["batch_stats"])
+        return y.sum()
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        print_saved_residuals(loss, x)
+    return printed.getvalue().count("f32[8,4,4,3]")
 
 
 @pytest.mark.parametrize("mode", [[], ["--pmap"]], ids=["jit", "pmap"])
