@@ -39,11 +39,30 @@ __all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm", "convert_variables"]
 Initializer = Callable[..., jax.Array]
 
 
-class _Normalization(nn.Module):
-    """Flax's BatchNorm fields, the one `__call__`, and the hooks the layers override.
+@documents("linen")
+class BatchNorm(nn.Module):
+    """Batch Normalization (Ioffe & Szegedy 2015), a drop-in for `flax.linen.BatchNorm`.
 
-    The hooks, named as in `jaxrenorm.nnx` (see `jaxrenorm._layers`): `_bounds`,
-    `_gate` and `_after_training_call`.
+    Training normalizes with the batch's mean and biased variance over every axis
+    but `axis` and updates the running statistics
+    (`mean <- momentum * mean + (1 - momentum) * batch_mean`, likewise `var`);
+    inference (`use_running_average=True`) uses the running statistics. The math
+    and its numerics are `jaxrenorm.batch_norm`'s; unlike Flax's default, the
+    default variance is accurate on offset data (x = 1e4 + N(0, 1): relative
+    error 1e-7 where Flax's has 23).
+
+    The fields are those of `flax.linen.BatchNorm`, with the same defaults, plus
+    `virtual_batch_size` and `bessel_correction`; the variables are
+    `params/scale`, `params/bias`, `batch_stats/mean` and `batch_stats/var`.
+
+    Examples:
+      >>> import jax, jax.numpy as jnp, jaxrenorm
+      >>> bn = jaxrenorm.linen.BatchNorm(use_running_average=False)
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+      >>> variables = bn.init(jax.random.key(1), x)
+      >>> y, updates = bn.apply(variables, x, mutable=["batch_stats"])
+      >>> sorted(updates["batch_stats"])
+      ['mean', 'var']
     """
 
     use_running_average: bool | None = None
@@ -141,6 +160,9 @@ class _Normalization(nn.Module):
             and jnp.shape(scope[name].get("mean")) == layout.feature_shape
         ]
 
+    # The hooks, named as in `jaxrenorm.nnx` (see `jaxrenorm._layers`); BatchRenorm
+    # and InstanceRenorm override them, as their NNX namesakes do.
+
     def _bounds(self) -> tuple[Any, Any]:
         """This call's renorm bounds (r_max, d_max); (None, None) is plain BatchNorm."""
         return None, None
@@ -154,34 +176,7 @@ class _Normalization(nn.Module):
 
 
 @documents("linen")
-class BatchNorm(_Normalization):
-    """Batch Normalization (Ioffe & Szegedy 2015), a drop-in for `flax.linen.BatchNorm`.
-
-    Training normalizes with the batch's mean and biased variance over every axis
-    but `axis` and updates the running statistics
-    (`mean <- momentum * mean + (1 - momentum) * batch_mean`, likewise `var`);
-    inference (`use_running_average=True`) uses the running statistics. The math
-    and its numerics are `jaxrenorm.batch_norm`'s; unlike Flax's default, the
-    default variance is accurate on offset data (x = 1e4 + N(0, 1): relative
-    error 1e-7 where Flax's has 23).
-
-    The fields are those of `flax.linen.BatchNorm`, with the same defaults, plus
-    `virtual_batch_size` and `bessel_correction`; the variables are
-    `params/scale`, `params/bias`, `batch_stats/mean` and `batch_stats/var`.
-
-    Examples:
-      >>> import jax, jax.numpy as jnp, jaxrenorm
-      >>> bn = jaxrenorm.linen.BatchNorm(use_running_average=False)
-      >>> x = jax.random.normal(jax.random.key(0), (8, 3))
-      >>> variables = bn.init(jax.random.key(1), x)
-      >>> y, updates = bn.apply(variables, x, mutable=["batch_stats"])
-      >>> sorted(updates["batch_stats"])
-      ['mean', 'var']
-    """
-
-
-@documents("linen")
-class BatchRenorm(_Normalization):
+class BatchRenorm(BatchNorm):
     """Batch Renormalization (Ioffe 2017, arXiv 1702.03275) as a Flax linen module.
 
     The fields of `BatchNorm` plus the clipping bounds `r_max` and `d_max`, each a

@@ -283,11 +283,11 @@ def recalibrate(
       >>> bool(jnp.allclose(v["batch_stats"]["var"], x.var(0), rtol=1e-5))
       True
     """
-    from jaxrenorm.linen import _Normalization
+    from jaxrenorm.linen import BatchNorm
 
     def interceptor(next_fun, args, kwargs, context):
         module = context.module
-        if isinstance(module, _Normalization) and context.method_name == "__call__":
+        if isinstance(module, BatchNorm) and context.method_name == "__call__":
             x, layout = check_layout(args[0], module.axis)
             module.sow(_RECAL, "moments", input_moments(x, layout, kwargs.get("mask")))
         return next_fun(*args, **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import chex
@@ -239,6 +240,18 @@ def test_paper_schedule_is_the_default_and_starts_as_batch_norm():
     y_brn, _ = brn.apply(variables, x, mutable=["batch_stats"])
     y_bn, _ = bn.apply(bn_vars, x, mutable=["batch_stats"])
     np.testing.assert_allclose(y_brn, y_bn, rtol=1e-6, atol=1e-6)
+
+
+def test_class_relations_match_the_nnx_family():
+    """BatchNorm <- BatchRenorm <- InstanceRenorm in both families, so `isinstance`
+    answers alike, and a BatchRenorm's fields are BatchNorm's followed by its own."""
+    for family in (jaxrenorm.linen, jaxrenorm.nnx):
+        assert family.BatchRenorm.__bases__ == (family.BatchNorm,)
+        assert family.InstanceRenorm.__bases__ == (family.BatchRenorm,)
+    fields = lambda cls: [f.name for f in dataclasses.fields(cls)]  # noqa: E731
+    machinery = ["parent", "name"]  # Flax's, last in every module
+    bn = fields(jaxrenorm.linen.BatchNorm)[: -len(machinery)]
+    assert fields(jaxrenorm.linen.BatchRenorm)[: len(bn)] == bn
 
 
 def test_modules_train_in_a_model():
