@@ -205,15 +205,20 @@ class BatchRenorm(BatchNorm):
     grad_through_batch_moments: bool | str = True
     diagnostics: bool = False
 
+    def _running_statistics(self, layout: Layout):
+        statistics = super()._running_statistics(layout)
+        # The counter comes with the running statistics, as in NNX's constructor. A
+        # checkpoint without `steps` (e.g. written by flax.linen.BatchNorm) counts
+        # from 0: the counter is created when the statistics are mutable, read as 0
+        # otherwise (by `_bounds`).
+        if self._counts_steps() and self.is_mutable_collection("batch_stats"):
+            self.variable("batch_stats", "steps", jnp.zeros, (), jnp.int32)
+        return statistics
+
     def _bounds(self) -> tuple[Any, Any]:
         step = jnp.zeros((), jnp.int32)
-        # A checkpoint without `steps` (e.g. written by flax.linen.BatchNorm) counts
-        # from 0: created when the statistics are mutable, read as 0 otherwise.
-        if self._counts_steps() and (
-            self.has_variable("batch_stats", "steps") or self.is_mutable_collection("batch_stats")
-        ):
-            steps = self.variable("batch_stats", "steps", jnp.zeros, (), jnp.int32).value
-            step = step_count(steps)
+        if self._counts_steps() and self.has_variable("batch_stats", "steps"):
+            step = step_count(self.get_variable("batch_stats", "steps"))
         return bounds_at(self.r_max, self.d_max, step)
 
     def _after_training_call(self, terms: RenormTerms | None) -> None:

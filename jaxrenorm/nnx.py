@@ -228,6 +228,8 @@ class BatchRenorm(BatchNorm):
         self.d_max = d_max
         self.grad_through_batch_moments = grad_through_batch_moments
         self.diagnostics = diagnostics
+        # The counter comes with the running statistics, which the base constructor
+        # has just created, as linen's `_running_statistics` creates it with them.
         scheduled = is_scheduled(r_max, d_max)
         self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32)) if scheduled else nnx.data(None)
         if diagnostics:
