@@ -22,8 +22,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from jaxrenorm._checks import Layout, check_step_count
+from jaxrenorm._checks import Layout, check_layout, check_step_count
 from jaxrenorm._norm import Options, RenormTerms, _normalize
+from jaxrenorm._recalibration import input_moments, is_recording_inputs
 
 Bound = float | Callable[[jax.Array], jax.Array]
 
@@ -88,6 +89,19 @@ def is_scheduled(r_max: Bound, d_max: Bound) -> bool:
     return callable(r_max) or callable(d_max)
 
 
+def layer_input(layer: Any, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, Layout]:
+    """The call's input checked against the layer's `axis`, and its layout (`check_layout`).
+
+    While `recalibrate` traces the model, the input's moments go to the layer's
+    `_record_input` hook first: before any promotion to the layer's dtype, so that
+    the population statistics are those of the input as given.
+    """
+    x, layout = check_layout(x, layer.axis)
+    if is_recording_inputs():
+        layer._record_input(input_moments(x, layout, mask))
+    return x, layout
+
+
 def normalize_layer(
     layer: Any,
     x: jax.Array,
@@ -96,7 +110,7 @@ def normalize_layer(
     batch_stats: Mapping[str, jax.Array],
     **overrides: Any,
 ) -> tuple[jax.Array, dict[str, jax.Array], RenormTerms | None]:
-    """Runs `_normalize` on a checked input (`check_layout`) with the layer's fields as options.
+    """Runs `_normalize` on a checked input (`layer_input`) with the layer's fields as options.
 
     `params` holds the layer's scale and bias (either may be missing); the gate,
     if the layer has one, comes from its `_gate` hook, the bounds from `_bounds`.

@@ -21,17 +21,19 @@ from flax.linen import initializers
 from flax.linen.module import merge_param
 
 from jaxrenorm import schedules
-from jaxrenorm._checks import Axes, Layout, check_layout, check_statistics_present
+from jaxrenorm._checks import Axes, Layout, check_statistics_present
 from jaxrenorm._docs import documents
 from jaxrenorm._layers import (
     Bound,
     bounds_at,
     is_scheduled,
+    layer_input,
     normalize_layer,
     renorm_diagnostics,
     step_count,
 )
 from jaxrenorm._norm import RenormTerms
+from jaxrenorm._recalibration import COLLECTION, Moments
 from jaxrenorm._variables import automatic_norm_names, convert_tree
 
 __all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm", "convert_variables"]
@@ -106,7 +108,7 @@ class BatchNorm(nn.Module):
         use_running_average = merge_param(
             "use_running_average", self.use_running_average, use_running_average
         )
-        x, layout = check_layout(x, self.axis)
+        x, layout = layer_input(self, x, mask)
         mean, var = self._running_statistics(layout)
         features, params = layout.feature_shape, {}
         if self.use_scale:
@@ -173,6 +175,10 @@ class BatchNorm(nn.Module):
 
     def _after_training_call(self, terms: RenormTerms | None) -> None:
         """Records what a training call leaves besides the running statistics."""
+
+    def _record_input(self, moments: Moments) -> None:
+        """Keeps the input's moments for `recalibrate` (see `jaxrenorm._recalibration`)."""
+        self.sow(COLLECTION, "moments", moments)
 
 
 @documents("linen")

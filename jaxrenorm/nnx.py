@@ -27,31 +27,22 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes
 
 from jaxrenorm import schedules
-from jaxrenorm._checks import check_convert_target, check_known_arguments, check_layout
+from jaxrenorm._checks import check_convert_target, check_known_arguments
 from jaxrenorm._docs import documents
 from jaxrenorm._layers import (
     DIAGNOSTICS,
     Bound,
     bounds_at,
     is_scheduled,
+    layer_input,
     normalize_layer,
     renorm_diagnostics,
     step_count,
 )
 from jaxrenorm._norm import RenormTerms
-from jaxrenorm.tools import (
-    input_moments,
-    is_recording_inputs,
-    pooled_inputs,
-    population_statistics,
-    recording_inputs,
-)
+from jaxrenorm._recalibration import InputMoments, Moments, recalibrate_nnx
 
 __all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm", "convert", "recalibrate"]
-
-
-class InputMoments(nnx.Intermediate):
-    """(count, mean, var) of a layer's input per call, sown while `recalibrate` runs."""
 
 
 @documents("nnx")
@@ -151,9 +142,7 @@ class BatchNorm(nnx.Module):
             error_msg="Pass `use_running_average` to the constructor or the call, or use "
             "`.train()` / `.eval()` or `nnx.view(model, use_running_average=...)`.",
         )
-        x, layout = check_layout(x, self.axis)
-        if is_recording_inputs():  # tracing inside `recalibrate`
-            self.sow(InputMoments, "input_moments", input_moments(x, layout, mask))
+        x, layout = layer_input(self, x, mask)
         mean, var = self.mean[...], self.var[...]
         scale = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
@@ -191,6 +180,10 @@ class BatchNorm(nnx.Module):
 
     def _after_training_call(self, terms: RenormTerms | None) -> None:
         """Records what a training call leaves besides the running statistics."""
+
+    def _record_input(self, moments: Moments) -> None:
+        """Keeps the input's moments for `recalibrate` (see `jaxrenorm._recalibration`)."""
+        self.sow(InputMoments, "input_moments", moments)
 
 
 @documents("nnx")
@@ -472,25 +465,4 @@ def recalibrate(
       >>> bool(jnp.allclose(bn.var[...], x.var(0), rtol=1e-5))
       True
     """
-    layers = {path: node for path, node in nnx.iter_graph(model) if isinstance(node, BatchNorm)}
-    graphdef, state = nnx.split(model)
-
-    @jax.jit
-    def batch_moments(state, batch):
-        work = nnx.merge(graphdef, state)  # a copy: its training-mode updates are dropped
-        with recording_inputs():
-            args = batch if isinstance(batch, tuple) else (batch,)
-            _, moments = nnx.capture(work, InputMoments)(*args, **call_kwargs)
-        return moments
-
-    def recorded(batch):
-        for path, calls in nnx.to_flat_state(jax.device_get(batch_moments(state, batch))):
-            yield path[:-1], calls.get_value()
-
-    pooled = pooled_inputs(batches if layers else (), recorded, progress)
-    for path, moments in pooled.items():
-        layer = layers[path]
-        layer.mean[...], layer.var[...] = population_statistics(
-            moments, layer.mean[...], layer.var[...]
-        )
-    return model
+    return recalibrate_nnx(model, BatchNorm, batches, progress, call_kwargs)
