@@ -22,6 +22,7 @@ from flax.linen.module import merge_param
 
 from jaxrenorm import schedules
 from jaxrenorm._checks import Axes, Layout, check_statistics_present
+from jaxrenorm._conversion import automatic_norm_names, convert_tree
 from jaxrenorm._docs import documents
 from jaxrenorm._layers import (
     Bound,
@@ -34,7 +35,6 @@ from jaxrenorm._layers import (
 )
 from jaxrenorm._norm import RenormTerms
 from jaxrenorm._recalibration import COLLECTION, Moments
-from jaxrenorm._variables import automatic_norm_names, convert_tree
 
 __all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm", "convert_variables"]
 

@@ -13,9 +13,7 @@ over a data set. The math of each layer is the pure function of the same name
 
 from __future__ import annotations
 
-import inspect
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -27,7 +25,7 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes
 
 from jaxrenorm import schedules
-from jaxrenorm._checks import check_convert_target, check_known_arguments
+from jaxrenorm._conversion import convert_layers
 from jaxrenorm._docs import documents
 from jaxrenorm._layers import (
     DIAGNOSTICS,
@@ -280,9 +278,6 @@ class InstanceRenorm(BatchRenorm):
 
 # --- converting existing models -------------------------------------------------
 
-# What `convert` hands from an old layer to its replacement, where both have it.
-_VARIABLES = ("mean", "var", "scale", "bias", "steps", "rho")
-
 
 def convert(model: Any, to: type = BatchRenorm, **overrides: Any) -> Any:
     """Replaces every batch normalization layer of an NNX model, keeping its variables.
@@ -325,95 +320,11 @@ def convert(model: Any, to: type = BatchRenorm, **overrides: Any) -> Any:
       >>> type(model.layers[1]).__name__, model.layers[1].momentum
       ('BatchRenorm', 0.9)
     """
-    check_convert_target(to, _LAYERS)
-    accepted = _constructor_arguments(to)
-    arguments = [name for name in accepted if name != "num_features"]
-    check_known_arguments(
-        overrides,
-        arguments,
-        "convert",
-        to.__name__,
-        f"the overrides are its constructor arguments: {', '.join(sorted(arguments))}",
-    )
-    rngs = overrides.pop("rngs", None) or nnx.Rngs(0)
-    new: dict[int, Any] = {}  # id(old layer) -> its replacement
-
-    def replacement(old):
-        if id(old) not in new:
-            new[id(old)] = _rebuilt(old, to, accepted, overrides, rngs)
-        return new[id(old)]
-
-    if isinstance(model, _LAYERS):
-        return replacement(model)
-    while True:  # until no old layer is left (shared ones appear under one path per scan)
-        created = {id(layer) for layer in new.values()}
-        old = [
-            (path, node)
-            for path, node in nnx.iter_graph(model)
-            if isinstance(node, _LAYERS) and id(node) not in created
-        ]
-        if not old:
-            break
-        for path, node in old:
-            model = _replaced(model, path, replacement(node))
-    if not new:
-        warnings.warn(
-            "convert found no flax.nnx.BatchNorm and no jaxrenorm.nnx layer in the model; "
-            "it is returned unchanged.",
-            stacklevel=2,
-        )
-    return model
+    return convert_layers(model, to, overrides, _LAYERS)
 
 
+# What `convert` replaces: Flax's layer and every layer of this family.
 _LAYERS = (nnx.BatchNorm, BatchNorm)
-
-
-def _constructor_arguments(cls: type) -> list[str]:
-    """The named constructor arguments of `cls`, along its bases (which take **kwargs)."""
-    names: dict[str, None] = {}
-    for klass in reversed(cls.__mro__):
-        if "__init__" in vars(klass) and issubclass(klass, _LAYERS):
-            for name, p in inspect.signature(klass.__init__).parameters.items():
-                if name != "self" and p.kind != inspect.Parameter.VAR_KEYWORD:
-                    names[name] = None
-    return list(names)
-
-
-def _rebuilt(old: Any, to: type, accepted: list[str], overrides: dict, rngs: nnx.Rngs) -> Any:
-    """A `to` layer with `old`'s settings and variables, and `overrides`."""
-    settings = {
-        name: getattr(old, name)
-        for name in accepted
-        if name not in ("num_features", "rngs") and hasattr(old, name)
-    }
-    layer = to(old.num_features, rngs=rngs, **(settings | overrides))
-    for name in _VARIABLES:
-        if getattr(old, name, None) is not None and getattr(layer, name, None) is not None:
-            setattr(layer, name, getattr(old, name))
-    return layer
-
-
-def _replaced(root: Any, path: tuple, value: Any) -> Any:
-    """`root` with the node at `path` replaced by `value` (in place where it can be)."""
-    if not path:
-        return value
-    parent = root
-    for key in path[:-1]:
-        parent = parent[key] if _indexed(parent) else getattr(parent, key)
-    key = path[-1]
-    if isinstance(parent, tuple):  # immutable: replace the tuple in its own parent
-        items = [value if i == key else item for i, item in enumerate(parent)]
-        return _replaced(root, path[:-1], type(parent)(items))
-    if _indexed(parent):
-        parent[key] = value
-    else:
-        setattr(parent, key, value)
-    return root
-
-
-def _indexed(node: Any) -> bool:
-    """Whether a graph node's children are items (lists, dicts) rather than attributes."""
-    return isinstance(node, Mapping | Sequence) and not isinstance(node, str)
 
 
 # --- recalibration -----------------------------------------------------------------

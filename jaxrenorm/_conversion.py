@@ -1,26 +1,43 @@
-"""Variables of one model's normalization layers, fitted to another model's layers.
+"""Conversion between the normalization layers of a family, and from Flax's.
 
-Flax names a layer created without a name after its class and the order of
-creation in its scope (`BatchNorm_0`, `BatchNorm_1`, ...), so the same network
-built with `jaxrenorm.linen.BatchRenorm` stores its layers as `BatchRenorm_0`,
-`BatchRenorm_1`, ...: a checkpoint of one does not load into the other by name.
-`convert_variables` pairs the layers by their order instead, and adds or drops
-what one kind of layer has and the other lacks (the `steps` counter, the gate
-`rho`).
+Both families convert a model built with one kind of layer (`flax.linen.BatchNorm`
+or `flax.nnx.BatchNorm`, jaxrenorm's BatchNorm, BatchRenorm, InstanceRenorm) to
+another, keeping every variable both kinds have, adding with its initial value
+what only the new kind has (`steps` = 0, the gate `rho`) and dropping what only
+the old kind has. What differs is where the layers live:
+
+- linen (`convert_tree`, behind `jaxrenorm.linen.convert_variables`): layers are
+  names in a variables tree. Flax names a layer created without a name after its
+  class and the order of creation in its scope (`BatchNorm_0`, `BatchNorm_1`,
+  ...), so the same network built with `jaxrenorm.linen.BatchRenorm` stores its
+  layers as `BatchRenorm_0`, `BatchRenorm_1`, ...: a checkpoint of one does not
+  load into the other by name. The layers are paired by their order instead.
+- NNX (`convert_layers`, behind `jaxrenorm.nnx.convert`): layers are objects in
+  the model's graph. Each is rebuilt with its constructor arguments and handed
+  the old layer's `nnx.Variable`s, in place.
 """
 
 from __future__ import annotations
 
+import inspect
 import re
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from jaxrenorm._checks import check_converted_variables
+from jaxrenorm._checks import (
+    check_convert_target,
+    check_converted_variables,
+    check_known_arguments,
+)
 from jaxrenorm._layers import step_count
+
+# --- linen: a variables tree refitted ---------------------------------------------
 
 #: Flax's automatic names of the normalization layers: the class name and an index.
 _AUTOMATIC = re.compile(r"^(BatchNorm|BatchRenorm|InstanceRenorm)_(\d+)$")
@@ -177,3 +194,105 @@ _LEAVES = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct, int, float)
 
 def _is_leaf(value: Any) -> bool:
     return value is None or isinstance(value, _LEAVES)
+
+
+# --- NNX: a model's layers rebuilt in place ------------------------------------------
+
+#: What `convert_layers` hands from an old layer to its replacement, where both have it.
+_VARIABLES = ("mean", "var", "scale", "bias", "steps", "rho")
+
+
+def convert_layers(
+    model: Any, to: type, overrides: dict[str, Any], layer_types: tuple[type, ...]
+) -> Any:
+    """`model` with every `layer_types` layer replaced by a `to` layer (`jaxrenorm.nnx.convert`).
+
+    `layer_types` are the layers to replace (Flax's and the family's base), which
+    `to` must subclass; `overrides` are `convert`'s keyword arguments.
+    """
+    check_convert_target(to, layer_types)
+    accepted = _constructor_arguments(to, layer_types)
+    arguments = [name for name in accepted if name != "num_features"]
+    check_known_arguments(
+        overrides,
+        arguments,
+        "convert",
+        to.__name__,
+        f"the overrides are its constructor arguments: {', '.join(sorted(arguments))}",
+    )
+    rngs = overrides.pop("rngs", None) or nnx.Rngs(0)
+    new: dict[int, Any] = {}  # id(old layer) -> its replacement
+
+    def replacement(old):
+        if id(old) not in new:
+            new[id(old)] = _rebuilt(old, to, accepted, overrides, rngs)
+        return new[id(old)]
+
+    if isinstance(model, layer_types):
+        return replacement(model)
+    while True:  # until no old layer is left (shared ones appear under one path per scan)
+        created = {id(layer) for layer in new.values()}
+        old = [
+            (path, node)
+            for path, node in nnx.iter_graph(model)
+            if isinstance(node, layer_types) and id(node) not in created
+        ]
+        if not old:
+            break
+        for path, node in old:
+            model = _replaced(model, path, replacement(node))
+    if not new:
+        warnings.warn(
+            "convert found no flax.nnx.BatchNorm and no jaxrenorm.nnx layer in the model; "
+            "it is returned unchanged.",
+            stacklevel=3,  # the line that called jaxrenorm.nnx.convert
+        )
+    return model
+
+
+def _constructor_arguments(cls: type, layer_types: tuple[type, ...]) -> list[str]:
+    """The named constructor arguments of `cls`, along its bases (which take **kwargs)."""
+    names: dict[str, None] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass) and issubclass(klass, layer_types):
+            for name, p in inspect.signature(klass.__init__).parameters.items():
+                if name != "self" and p.kind != inspect.Parameter.VAR_KEYWORD:
+                    names[name] = None
+    return list(names)
+
+
+def _rebuilt(old: Any, to: type, accepted: list[str], overrides: dict, rngs: nnx.Rngs) -> Any:
+    """A `to` layer with `old`'s settings and variables, and `overrides`."""
+    settings = {
+        name: getattr(old, name)
+        for name in accepted
+        if name not in ("num_features", "rngs") and hasattr(old, name)
+    }
+    layer = to(old.num_features, rngs=rngs, **(settings | overrides))
+    for name in _VARIABLES:
+        if getattr(old, name, None) is not None and getattr(layer, name, None) is not None:
+            setattr(layer, name, getattr(old, name))
+    return layer
+
+
+def _replaced(root: Any, path: tuple, value: Any) -> Any:
+    """`root` with the node at `path` replaced by `value` (in place where it can be)."""
+    if not path:
+        return value
+    parent = root
+    for key in path[:-1]:
+        parent = parent[key] if _indexed(parent) else getattr(parent, key)
+    key = path[-1]
+    if isinstance(parent, tuple):  # immutable: replace the tuple in its own parent
+        items = [value if i == key else item for i, item in enumerate(parent)]
+        return _replaced(root, path[:-1], type(parent)(items))
+    if _indexed(parent):
+        parent[key] = value
+    else:
+        setattr(parent, key, value)
+    return root
+
+
+def _indexed(node: Any) -> bool:
+    """Whether a graph node's children are items (lists, dicts) rather than attributes."""
+    return isinstance(node, Mapping | Sequence) and not isinstance(node, str)
