@@ -1,32 +1,79 @@
-"""The glue between the modules' fields and the pure functions, shared by linen and NNX.
+"""The contract of a module family, and the glue between its layers and the pure functions.
 
-A module field named like a field of `jaxrenorm._norm.Options` (`axis`,
-`momentum`, `epsilon`, `virtual_batch_size`, ...) is that option: adding an
-option to the pure functions and a field of the same name to the modules is all
-the modules need. What differs between the layers are three hooks, with the same
-names and meanings in both families:
+A module family (linen, NNX) is one file of layers that hold variables and
+answer the hooks below; the math is `jaxrenorm._norm`'s and everything else is
+shared. `Layer` states the part the glue calls. A family provides:
 
-- `_bounds()`: this call's renorm bounds `(r_max, d_max)` (schedules evaluated
-  at the `steps` counter), or `(None, None)` for plain BatchNorm;
-- `_gate(feature_shape)`: InstanceRenorm's gate rho, or None;
-- `_after_training_call(terms)`: what a training call records besides the running
-  statistics (the `steps` counter, the diagnostics).
+- Classes: `BatchNorm`, `BatchRenorm(BatchNorm)` and
+  `InstanceRenorm(BatchRenorm)`, so that `isinstance` answers alike in every
+  family, and one `__call__`, BatchNorm's: `layer_input`, then
+  `normalize_layer`, then, on a training call, the new running statistics
+  written back and `_after_training_call`.
+- Settings: a field named like a field of `jaxrenorm._norm.Options` (`axis`,
+  `momentum`, `epsilon`, `virtual_batch_size`, ...) is that option, read by
+  `normalize_layer` by name: adding an option to the pure functions and a field
+  of the same name to the layers is all the layers need.
+- Variables: params `scale` and `bias` (unless `use_scale` / `use_bias` is
+  False) and InstanceRenorm's gate `rho`, of the feature shape; batch_stats
+  `mean` and `var` of the feature shape, float32 (linen: `param_dtype` with
+  `force_float32_reductions=False`), and, when a bound is a schedule
+  (`is_scheduled`), the int32 scalar `steps`, the number of training calls so
+  far. The counter is created with the running statistics: by NNX's
+  constructor, by the linen call that creates them (a checkpoint without it, as
+  `flax.linen.BatchNorm` writes, counts from 0: the counter is created when
+  batch_stats is mutable and read as 0 otherwise).
+- Hooks, with the same names and meanings in every family:
+  - `_bounds()`: this call's renorm bounds `(r_max, d_max)` (schedules
+    evaluated at the `steps` counter, `bounds_at`), or `(None, None)` for plain
+    BatchNorm;
+  - `_gate(feature_shape)`: InstanceRenorm's gate rho, or None;
+  - `_after_training_call(terms)`: what a training call records besides the
+    running statistics (the `steps` counter, the diagnostics);
+  - `_record_input(moments)`: keeps the (count, mean, var) of the call's input
+    where the family's runner in `jaxrenorm._recalibration` collects it (a linen
+    collection, an `nnx.Intermediate`); `layer_input` calls it while
+    `recalibrate` traces the model, and never otherwise.
+- Conversion: a function that turns a peer's layers (Flax's, or the family's
+  other kinds) into the family's, beside the others in `jaxrenorm._conversion`:
+  it keeps the variables both kinds have (`scale`, `bias`, `mean`, `var`, and
+  `steps`, `rho` where both have them), adds those only the new kind has at
+  their initial values (`steps` = 0) and drops the rest.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import jax
 import jax.numpy as jnp
 
 from jaxrenorm._checks import Layout, check_layout, check_step_count
 from jaxrenorm._norm import Options, RenormTerms, _normalize
-from jaxrenorm._recalibration import input_moments, is_recording_inputs
+from jaxrenorm._recalibration import Moments, input_moments, is_recording_inputs
 
 Bound = float | Callable[[jax.Array], jax.Array]
+
+
+class Layer(Protocol):
+    """A layer of any module family, as the glue sees it (see the module docstring)."""
+
+    axis: Any
+    dtype: Any
+
+    def _bounds(self) -> tuple[Any, Any]:
+        """This call's renorm bounds (r_max, d_max); (None, None) is plain BatchNorm."""
+
+    def _gate(self, feature_shape: tuple[int, ...]) -> jax.Array | None:
+        """The instance-normalization gate rho, or None."""
+
+    def _after_training_call(self, terms: RenormTerms | None) -> None:
+        """Records what a training call leaves besides the running statistics."""
+
+    def _record_input(self, moments: Moments) -> None:
+        """Keeps the input's moments for `recalibrate`."""
+
 
 #: The summaries of a renorm training call (`renorm_diagnostics`), in the order sown.
 DIAGNOSTICS = ("r_clipped", "d_clipped", "r_mean_abs_dev", "d_mean_abs")
@@ -89,7 +136,7 @@ def is_scheduled(r_max: Bound, d_max: Bound) -> bool:
     return callable(r_max) or callable(d_max)
 
 
-def layer_input(layer: Any, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, Layout]:
+def layer_input(layer: Layer, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, Layout]:
     """The call's input checked against the layer's `axis`, and its layout (`check_layout`).
 
     While `recalibrate` traces the model, the input's moments go to the layer's
@@ -103,7 +150,7 @@ def layer_input(layer: Any, x: jax.Array, mask: jax.Array | None) -> tuple[jax.A
 
 
 def normalize_layer(
-    layer: Any,
+    layer: Layer,
     x: jax.Array,
     layout: Layout,
     params: Mapping[str, jax.Array],

@@ -162,8 +162,8 @@ class BatchNorm(nn.Module):
             and jnp.shape(scope[name].get("mean")) == layout.feature_shape
         ]
 
-    # The hooks, named as in `jaxrenorm.nnx` (see `jaxrenorm._layers`); BatchRenorm
-    # and InstanceRenorm override them, as their NNX namesakes do.
+    # The hooks of the family contract (`jaxrenorm._layers.Layer`), as in
+    # `jaxrenorm.nnx`; BatchRenorm and InstanceRenorm override them.
 
     def _bounds(self) -> tuple[Any, Any]:
         """This call's renorm bounds (r_max, d_max); (None, None) is plain BatchNorm."""

@@ -166,7 +166,8 @@ class BatchNorm(nnx.Module):
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
-    # The hooks, named as in `jaxrenorm.linen` (see `jaxrenorm._layers`).
+    # The hooks of the family contract (`jaxrenorm._layers.Layer`), as in
+    # `jaxrenorm.linen`; BatchRenorm and InstanceRenorm override them.
 
     def _bounds(self) -> tuple[Any, Any]:
         """This call's renorm bounds (r_max, d_max); (None, None) is plain BatchNorm."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 
 import chex
 import flax.linen as nn
@@ -14,6 +15,7 @@ import optax
 import pytest
 
 import jaxrenorm
+from jaxrenorm._layers import Layer
 from tests import reference
 
 CONFIGS = [
@@ -242,12 +244,20 @@ def test_paper_schedule_is_the_default_and_starts_as_batch_norm():
     np.testing.assert_allclose(y_brn, y_bn, rtol=1e-6, atol=1e-6)
 
 
-def test_class_relations_match_the_nnx_family():
+def test_class_relations_and_hooks_match_the_nnx_family():
     """BatchNorm <- BatchRenorm <- InstanceRenorm in both families, so `isinstance`
-    answers alike, and a BatchRenorm's fields are BatchNorm's followed by its own."""
+    answers alike; both answer the hooks of the contract with the same signatures;
+    a BatchRenorm's fields are BatchNorm's followed by its own."""
     for family in (jaxrenorm.linen, jaxrenorm.nnx):
         assert family.BatchRenorm.__bases__ == (family.BatchNorm,)
         assert family.InstanceRenorm.__bases__ == (family.BatchRenorm,)
+    members = vars(Layer).items()
+    hooks = [n for n, m in members if inspect.isfunction(m) and not n.startswith("__")]
+    assert hooks == ["_bounds", "_gate", "_after_training_call", "_record_input"]
+    for name in hooks:
+        expected = inspect.signature(getattr(Layer, name))
+        for family in (jaxrenorm.linen, jaxrenorm.nnx):
+            assert inspect.signature(getattr(family.BatchNorm, name)) == expected, name
     fields = lambda cls: [f.name for f in dataclasses.fields(cls)]  # noqa: E731
     machinery = ["parent", "name"]  # Flax's, last in every module
     bn = fields(jaxrenorm.linen.BatchNorm)[: -len(machinery)]
