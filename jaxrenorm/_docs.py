@@ -2,11 +2,16 @@
 
 The pure functions, the linen modules and the NNX modules share most of their
 arguments (`axis`, `momentum`, `virtual_batch_size`, ...). Each is described once
-here, and `documents` writes the `Args:` (functions, NNX constructors) or
-`Attributes:` (linen fields) section of a docstring from these descriptions, in
-the order of the signature. `help()`, IDEs and the API pages then show every
-argument of every layer without a copy to keep in sync, and a new argument
-without a description is an error at import time.
+here, in `ARGUMENTS`, and the `Args:` (functions, NNX constructors) or
+`Attributes:` (linen fields) section of every object marked `@documents(...)` is
+written from these descriptions, in the order of the signature, into the source
+itself: a reader of the source sees what `help()`, IDEs and the API pages show.
+After editing a description or a signature, run
+
+    python -c "import jaxrenorm._docs as d; d.write_sections()"
+
+which rewrites those sections in place; tests/test_docstrings.py fails while any
+is out of date, and an argument without a description is a KeyError there.
 
 A description is a string, or a dict from family ("pure", "linen", "nnx") to
 string where the families differ. `{flax}` becomes the Flax layer the family
@@ -251,23 +256,48 @@ _NOT_DOCUMENTED = {"self", "parent", "name"}
 
 
 def documents(family: str, **specific: str) -> Callable[[T], T]:
-    """Adds the section describing every argument of the decorated object.
+    """Marks an object whose argument section is written from `ARGUMENTS`.
 
     `family` is "pure" (a function: an `Args:` section from its signature),
     "linen" (a module: an `Attributes:` section from its dataclass fields) or
     "nnx" (a module: an `Args:` section from the constructors of its classes).
-    `specific` overrides a description for this object. The section goes before
-    `Returns:` or `Examples:`, or at the end.
+    `specific` overrides a description for this object. The docstring is left as
+    written: `write_sections` writes the section into the source.
     """
 
-    def decorate(obj: T) -> T:
-        names = _argument_names(obj, family)
-        entries = [_entry(name, specific.get(name) or _describe(name, family)) for name in names]
-        title = "Attributes:" if family == "linen" else "Args:"
-        obj.__doc__ = _insert(inspect.cleandoc(obj.__doc__ or ""), [title, *entries])
+    def mark(obj: T) -> T:
+        obj.__jaxrenorm_documents__ = (family, specific)  # type: ignore[attr-defined]
         return obj
 
-    return decorate
+    return mark
+
+
+def documented_docstring(obj: Any) -> str:
+    """`obj`'s docstring (as `inspect.cleandoc` shows it) with its argument section as written
+    from `ARGUMENTS`: replaced where it has one, else before `Returns:` or
+    `Examples:`, or at the end."""
+    family, specific = obj.__jaxrenorm_documents__
+    names = _argument_names(obj, family)
+    entries = [_entry(name, specific.get(name) or _describe(name, family)) for name in names]
+    title = "Attributes:" if family == "linen" else "Args:"
+    doc = _insert(_without_section(inspect.cleandoc(obj.__doc__ or "")), [title, *entries])
+    return doc.rstrip("\n")
+
+
+def _without_section(doc: str) -> str:
+    """The docstring without its `Args:` / `Attributes:` section (the title and the
+    indented lines under it, and the blank line that follows)."""
+    lines, out, skipping = doc.split("\n"), [], False
+    for line in lines:
+        if line in ("Args:", "Attributes:"):
+            skipping = True
+        elif skipping and not line.startswith(" "):
+            skipping = False
+            if not line:
+                continue
+        if not skipping:
+            out.append(line)
+    return "\n".join(out).rstrip("\n") + ("\n" if doc.endswith("\n") else "")
 
 
 def _argument_names(obj: Any, family: str) -> list[str]:
@@ -313,3 +343,49 @@ def _insert(doc: str, section: list[str]) -> str:
     if match is None:
         return f"{doc}\n\n{block}\n"
     return f"{doc[: match.start()]}{block}\n\n{doc[match.start() :]}"
+
+
+def documented_objects() -> list[Any]:
+    """Every object of the package marked `@documents`."""
+    import jaxrenorm
+    import jaxrenorm.linen
+    import jaxrenorm.nnx
+
+    found = []
+    for module in (jaxrenorm, jaxrenorm.linen, jaxrenorm.nnx):
+        for value in vars(module).values():
+            if hasattr(value, "__jaxrenorm_documents__") and value not in found:
+                if "__jaxrenorm_documents__" in vars(value) or inspect.isfunction(value):
+                    found.append(value)
+    return found
+
+
+def write_sections() -> list[str]:
+    """Rewrites, in the source files, every marked docstring that is out of date.
+
+    Returns the names of the objects rewritten.
+    """
+    import ast
+    import pathlib
+
+    rewritten = []
+    for obj in documented_objects():
+        path = pathlib.Path(inspect.getsourcefile(obj))
+        source = path.read_text()
+        want = documented_docstring(obj)
+        if want == inspect.cleandoc(obj.__doc__ or ""):
+            continue
+        node = next(
+            n
+            for n in ast.walk(ast.parse(source))
+            if isinstance(n, ast.FunctionDef | ast.ClassDef) and n.name == obj.__name__
+        )
+        doc = node.body[0]
+        lines = source.split("\n")
+        indent = " " * doc.col_offset
+        body = [f"{indent}{line}" if line else "" for line in want.split("\n")]
+        body[0] = f'{indent}"""{want.split(chr(10))[0]}'
+        lines[doc.lineno - 1 : doc.end_lineno] = [*body, f'{indent}"""']
+        path.write_text("\n".join(lines))
+        rewritten.append(obj.__qualname__)
+    return rewritten

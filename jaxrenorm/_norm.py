@@ -178,6 +178,62 @@ def batch_norm(
     `virtual_batch_size=1` on a dense input) is a ValueError: the statistics of
     one value are the value itself, so every output would be the bias.
 
+    Args:
+      x: the input, real or complex floating point: a batch axis and the features,
+        with any other axes (spatial, sequence) in between.
+      params: the learned per-feature parameters: `{"scale": gamma, "bias": beta}`,
+        each of the feature shape; a missing key (or None) means no scale or no
+        bias.
+      batch_stats: the running statistics, `{"mean": ..., "var": ...}` of the
+        feature shape (see `init_batch_stats`).
+      use_running_average: True normalizes with the running statistics (inference)
+        and returns `batch_stats` unchanged; False normalizes with the batch's
+        statistics (training) and returns updated running statistics.
+      axis: the feature axis, or a tuple of feature axes: the statistics are
+        computed over every other axis. Default -1, the last; as in
+        flax.linen.BatchNorm.
+      momentum: decay rate of the running statistics, in [0, 1]: running = momentum
+        * running + (1 - momentum) * batch, the weight of the old value, as in
+        flax.linen.BatchNorm (PyTorch's momentum is one minus this: see
+        `jaxrenorm.interop.momentum_from_torch`).
+      epsilon: a small value added to the variance before the square root, >= 0; as
+        in flax.linen.BatchNorm.
+      axis_name: the named axis, or tuple of axis names, of a `pmap`, `shard_map` or
+        `vmap` whose devices share the statistics of the global batch, computed with
+        one all-reduce per layer (and at most one more in the backward pass); as in
+        flax.linen.BatchNorm. Not needed under `jit` with a sharded batch, where XLA
+        inserts the collectives. The one-pass variance then needs a reference point
+        common to all devices, the running mean: relative error 9e-5 when the
+        running mean is 30 batch standard deviations from the batch mean, 2e-3 at
+        100 (float32). Far from it (offset data at the first steps) use
+        `use_fast_variance=False`.
+      axis_index_groups: groups of device indices along `axis_name`, each normalized
+        with its own statistics (e.g. `[[0, 1], [2, 3]]`); as in
+        flax.linen.BatchNorm.
+      mask: a boolean array broadcastable to `x`: the statistics use the True
+        positions only, weighted by their number on each device. False positions may
+        hold NaN or Inf: they reach neither the statistics nor any gradient, and
+        their outputs are finite. Left padding is as accurate as right padding: the
+        one-pass variance shifts by each group's first valid element. A feature with
+        no valid element keeps its running statistics and is normalized with them.
+      use_fast_variance: True (the default, as in flax.linen.BatchNorm) computes the
+        variance in one pass, shifted by a sample of the data so that it stays
+        accurate on offset data, where Flax's one-pass E[x^2] - E[x]^2 is not (x =
+        1e4 + N(0, 1) in float32: relative error 1e-7 against 23). False computes
+        the exact two-pass variance, at the cost of a second all-reduce with
+        `axis_name`.
+      dtype: the output dtype (default: the input's). The statistics are computed in
+        at least float32 whatever the dtype.
+      virtual_batch_size: statistics over consecutive groups ("virtual" or "ghost"
+        batches) of this many examples along axis 0, which it must divide; the
+        running statistics move towards the mean over groups of the group means and
+        variances. Groups are local to each device (no collective). None: the whole
+        batch.
+      bessel_correction: update the running variance with the unbiased batch
+        variance n / (n - 1) * var_B, n the number of valid values per feature (per
+        group with virtual batches), as PyTorch does; the normalization itself
+        always uses the biased var_B. False by default, Flax's convention.
+
     Returns:
       `(y, new_batch_stats)`; `new_batch_stats` has the same keys as `batch_stats`.
 
@@ -235,6 +291,83 @@ def batch_renorm(
     paper's running s only by the Jensen gap of the square root). Inference is
     identical to `batch_norm`, and with `r_max=1`, `d_max=0` so is training. With
     virtual batches r and d are computed per group.
+
+    Args:
+      x: the input, real or complex floating point: a batch axis and the features,
+        with any other axes (spatial, sequence) in between.
+      params: the learned per-feature parameters: `{"scale": gamma, "bias": beta}`,
+        each of the feature shape; a missing key (or None) means no scale or no
+        bias.
+      batch_stats: the running statistics, `{"mean": ..., "var": ...}` of the
+        feature shape (see `init_batch_stats`).
+      use_running_average: True normalizes with the running statistics (inference)
+        and returns `batch_stats` unchanged; False normalizes with the batch's
+        statistics (training) and returns updated running statistics.
+      axis: the feature axis, or a tuple of feature axes: the statistics are
+        computed over every other axis. Default -1, the last; as in
+        flax.linen.BatchNorm.
+      momentum: decay rate of the running statistics, in [0, 1]: running = momentum
+        * running + (1 - momentum) * batch, the weight of the old value, as in
+        flax.linen.BatchNorm (PyTorch's momentum is one minus this: see
+        `jaxrenorm.interop.momentum_from_torch`).
+      epsilon: a small value added to the variance before the square root, >= 0; as
+        in flax.linen.BatchNorm.
+      axis_name: the named axis, or tuple of axis names, of a `pmap`, `shard_map` or
+        `vmap` whose devices share the statistics of the global batch, computed with
+        one all-reduce per layer (and at most one more in the backward pass); as in
+        flax.linen.BatchNorm. Not needed under `jit` with a sharded batch, where XLA
+        inserts the collectives. The one-pass variance then needs a reference point
+        common to all devices, the running mean: relative error 9e-5 when the
+        running mean is 30 batch standard deviations from the batch mean, 2e-3 at
+        100 (float32). Far from it (offset data at the first steps) use
+        `use_fast_variance=False`.
+      axis_index_groups: groups of device indices along `axis_name`, each normalized
+        with its own statistics (e.g. `[[0, 1], [2, 3]]`); as in
+        flax.linen.BatchNorm.
+      mask: a boolean array broadcastable to `x`: the statistics use the True
+        positions only, weighted by their number on each device. False positions may
+        hold NaN or Inf: they reach neither the statistics nor any gradient, and
+        their outputs are finite. Left padding is as accurate as right padding: the
+        one-pass variance shifts by each group's first valid element. A feature with
+        no valid element keeps its running statistics and is normalized with them.
+      use_fast_variance: True (the default, as in flax.linen.BatchNorm) computes the
+        variance in one pass, shifted by a sample of the data so that it stays
+        accurate on offset data, where Flax's one-pass E[x^2] - E[x]^2 is not (x =
+        1e4 + N(0, 1) in float32: relative error 1e-7 against 23). False computes
+        the exact two-pass variance, at the cost of a second all-reduce with
+        `axis_name`.
+      dtype: the output dtype (default: the input's). The statistics are computed in
+        at least float32 whatever the dtype.
+      virtual_batch_size: statistics over consecutive groups ("virtual" or "ghost"
+        batches) of this many examples along axis 0, which it must divide; the
+        running statistics move towards the mean over groups of the group means and
+        variances. Groups are local to each device (no collective). None: the whole
+        batch.
+      bessel_correction: update the running variance with the unbiased batch
+        variance n / (n - 1) * var_B, n the number of valid values per feature (per
+        group with virtual batches), as PyTorch does; the normalization itself
+        always uses the biased var_B. False by default, Flax's convention.
+      r_max: the bound on r, >= 1: r is clipped to [1 / r_max, r_max]. A Python
+        float or a traced scalar, e.g. a schedule evaluated at the step inside `jit`
+        (see `jaxrenorm.schedules`). `r_max=1` with `d_max=0` is BatchNorm.
+      d_max: the bound on |d|, >= 0: d is clipped to [-d_max, d_max]. A Python float
+        or a traced scalar.
+      grad_through_batch_moments: True (the paper) differentiates through the batch
+        mean and variance. False treats them as constants in the backward pass (the
+        forward pass is unchanged): the gradient is then that of the affine map y =
+        scale * r / s_B * x + ..., which no longer removes the directions that move
+        a whole statistics group together. Use it when the groups that provide the
+        statistics are not representative (e.g. each holds one class), with a
+        BatchNorm warm-up, since nothing then stops the layer's input from drifting
+        in scale or offset. "adaptive" (with `virtual_batch_size`, for groups whose
+        kind is not known in advance) scales the gradient through each group's
+        moments, per feature, by exp(-max(F - 1, 0)), with F the one-way ANOVA F
+        statistic of the call's groups of n values, n * s_b^2 / (s_w^2 + epsilon)
+        (s_b^2 the unbiased variance of the group means, s_w^2 the mean unbiased
+        variance within the groups): about 1 when the groups are samples of one
+        distribution (the paper's gradient), large when each group holds its own
+        kind of data (then as with False). With one group it is the paper's
+        gradient.
 
     Returns:
       `(y, new_batch_stats)`, as `batch_norm`.
@@ -309,6 +442,78 @@ def instance_renorm(
     available; `jax.jvp` with respect to x, scale and bias works). Weight decay
     on rho pulls it towards instance normalization: exclude it as you would a
     bias.
+
+    Args:
+      x: the input, of rank >= 3: the batch, one or more spatial axes, and the
+        features (e.g. NHWC, or NCHW with `axis=1`).
+      params: `{"rho": gate, "scale": gamma, "bias": beta}`, each of the feature
+        shape; `"rho"` is required, a missing `"scale"` or `"bias"` (or None) means
+        none.
+      batch_stats: the running statistics, `{"mean": ..., "var": ...}` of the
+        feature shape (see `init_batch_stats`).
+      use_running_average: True normalizes with the running statistics (inference)
+        and returns `batch_stats` unchanged; False normalizes with the batch's
+        statistics (training) and returns updated running statistics.
+      axis: the feature axis or axes, which must not include axis 0 (the batch);
+        every other axis is spatial. Default -1, the last.
+      momentum: decay rate of the running statistics, in [0, 1]: running = momentum
+        * running + (1 - momentum) * batch, the weight of the old value, as in
+        flax.linen.BatchNorm (PyTorch's momentum is one minus this: see
+        `jaxrenorm.interop.momentum_from_torch`).
+      epsilon: a small value added to the variance before the square root, >= 0; as
+        in flax.linen.BatchNorm.
+      axis_name: the named axis, or tuple of axis names, of a `pmap`, `shard_map` or
+        `vmap` whose devices share the statistics of the global batch, computed with
+        one all-reduce per layer (and at most one more in the backward pass); as in
+        flax.linen.BatchNorm. Not needed under `jit` with a sharded batch, where XLA
+        inserts the collectives. The one-pass variance then needs a reference point
+        common to all devices, the running mean: relative error 9e-5 when the
+        running mean is 30 batch standard deviations from the batch mean, 2e-3 at
+        100 (float32). Far from it (offset data at the first steps) use
+        `use_fast_variance=False`.
+      axis_index_groups: groups of device indices along `axis_name`, each normalized
+        with its own statistics (e.g. `[[0, 1], [2, 3]]`); as in
+        flax.linen.BatchNorm.
+      mask: a boolean array broadcastable to `x`: the batch and the instance
+        statistics use the True positions only. False positions may hold NaN or Inf.
+      use_fast_variance: True (the default, as in flax.linen.BatchNorm) computes the
+        variance in one pass, shifted by a sample of the data so that it stays
+        accurate on offset data, where Flax's one-pass E[x^2] - E[x]^2 is not (x =
+        1e4 + N(0, 1) in float32: relative error 1e-7 against 23). False computes
+        the exact two-pass variance, at the cost of a second all-reduce with
+        `axis_name`.
+      dtype: the output dtype (default: the input's). The statistics are computed in
+        at least float32 whatever the dtype.
+      virtual_batch_size: statistics over consecutive groups ("virtual" or "ghost"
+        batches) of this many examples along axis 0, which it must divide; the
+        running statistics move towards the mean over groups of the group means and
+        variances. Groups are local to each device (no collective). None: the whole
+        batch.
+      bessel_correction: update the running variance with the unbiased batch
+        variance n / (n - 1) * var_B, n the number of valid values per feature (per
+        group with virtual batches), as PyTorch does; the normalization itself
+        always uses the biased var_B. False by default, Flax's convention.
+      r_max: the bound on r, >= 1: r is clipped to [1 / r_max, r_max]. A Python
+        float or a traced scalar, e.g. a schedule evaluated at the step inside `jit`
+        (see `jaxrenorm.schedules`). `r_max=1` with `d_max=0` is BatchNorm.
+      d_max: the bound on |d|, >= 0: d is clipped to [-d_max, d_max]. A Python float
+        or a traced scalar.
+      grad_through_batch_moments: True (the paper) differentiates through the batch
+        mean and variance. False treats them as constants in the backward pass (the
+        forward pass is unchanged): the gradient is then that of the affine map y =
+        scale * r / s_B * x + ..., which no longer removes the directions that move
+        a whole statistics group together. Use it when the groups that provide the
+        statistics are not representative (e.g. each holds one class), with a
+        BatchNorm warm-up, since nothing then stops the layer's input from drifting
+        in scale or offset. "adaptive" (with `virtual_batch_size`, for groups whose
+        kind is not known in advance) scales the gradient through each group's
+        moments, per feature, by exp(-max(F - 1, 0)), with F the one-way ANOVA F
+        statistic of the call's groups of n values, n * s_b^2 / (s_w^2 + epsilon)
+        (s_b^2 the unbiased variance of the group means, s_w^2 the mean unbiased
+        variance within the groups): about 1 when the groups are samples of one
+        distribution (the paper's gradient), large when each group holds its own
+        kind of data (then as with False). With one group it is the paper's
+        gradient.
 
     Returns:
       `(y, new_batch_stats)`, as `batch_renorm`.

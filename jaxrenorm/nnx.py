@@ -54,6 +54,73 @@ class BatchNorm(nnx.Module):
     use_running_average=...)` set. The math is `jaxrenorm.batch_norm`'s; its
     default variance is accurate on offset data, where Flax's is not.
 
+    Args:
+      num_features: the size of the feature axis (the shape of the parameters and
+        statistics).
+      use_running_average: True normalizes with the running statistics (inference),
+        False (the default) with the batch's, updating the running ones (training).
+        The argument of the call takes precedence; `.train()`, `.eval()` and
+        `nnx.view(model, use_running_average=...)` set this one. As in
+        flax.nnx.BatchNorm.
+      axis: the feature axis: the statistics are computed over every other axis.
+        Default -1, the last; as in flax.nnx.BatchNorm.
+      momentum: decay rate of the running statistics, in [0, 1]: running = momentum
+        * running + (1 - momentum) * batch, the weight of the old value, as in
+        flax.nnx.BatchNorm (PyTorch's momentum is one minus this: see
+        `jaxrenorm.interop.momentum_from_torch`).
+      epsilon: a small value added to the variance before the square root, >= 0; as
+        in flax.nnx.BatchNorm.
+      dtype: the output dtype; None promotes the input with the variables through
+        `promote_dtype`, as in flax.nnx.BatchNorm. The statistics are computed in at
+        least float32.
+      param_dtype: the dtype of the parameters (`scale`, `bias`, InstanceRenorm's
+        `rho`), float32 by default; as in flax.nnx.BatchNorm.
+      use_bias: learn a per-feature `bias` (beta) added after normalizing; as in
+        flax.nnx.BatchNorm.
+      use_scale: learn a per-feature `scale` (gamma) that multiplies the normalized
+        input; as in flax.nnx.BatchNorm.
+      bias_init: the initializer of `bias` (zeros by default); as in
+        flax.nnx.BatchNorm.
+      scale_init: the initializer of `scale` (ones by default); as in
+        flax.nnx.BatchNorm.
+      axis_name: the named axis, or tuple of axis names, of a `pmap`, `shard_map` or
+        `vmap` whose devices share the statistics of the global batch, computed with
+        one all-reduce per layer (and at most one more in the backward pass); as in
+        flax.nnx.BatchNorm. Not needed under `jit` with a sharded batch, where XLA
+        inserts the collectives. The one-pass variance then needs a reference point
+        common to all devices, the running mean: relative error 9e-5 when the
+        running mean is 30 batch standard deviations from the batch mean, 2e-3 at
+        100 (float32). Far from it (offset data at the first steps) use
+        `use_fast_variance=False`.
+      axis_index_groups: groups of device indices along `axis_name`, each normalized
+        with its own statistics (e.g. `[[0, 1], [2, 3]]`); as in flax.nnx.BatchNorm.
+      use_fast_variance: True (the default, as in flax.nnx.BatchNorm) computes the
+        variance in one pass, shifted by a sample of the data so that it stays
+        accurate on offset data, where Flax's one-pass E[x^2] - E[x]^2 is not (x =
+        1e4 + N(0, 1) in float32: relative error 1e-7 against 23). False computes
+        the exact two-pass variance, at the cost of a second all-reduce with
+        `axis_name`.
+      promote_dtype: called as `promote_dtype((x, mean, var, scale, bias),
+        dtype=dtype)`, it returns them promoted to one dtype: the layer normalizes
+        the promoted input with the promoted scale and bias and outputs their dtype;
+        as in flax.nnx.BatchNorm. The statistics are still computed, and the running
+        statistics kept, in at least float32.
+      rngs: the `nnx.Rngs` whose `params` stream the initializers draw from.
+      bias_metadata: metadata of the `bias` `nnx.Param`, e.g. its sharding
+        annotation, which `nnx.get_partition_spec` and sharding rules read; as in
+        flax.nnx.BatchNorm.
+      scale_metadata: metadata of the `scale` `nnx.Param`, like `bias_metadata`; as
+        in flax.nnx.BatchNorm.
+      virtual_batch_size: statistics over consecutive groups ("virtual" or "ghost"
+        batches) of this many examples along axis 0, which it must divide; the
+        running statistics move towards the mean over groups of the group means and
+        variances. Groups are local to each device (no collective). None: the whole
+        batch.
+      bessel_correction: update the running variance with the unbiased batch
+        variance n / (n - 1) * var_B, n the number of valid values per feature (per
+        group with virtual batches), as PyTorch does; the normalization itself
+        always uses the biased var_B. False by default, Flax's convention.
+
     Examples:
       >>> import jax, jaxrenorm
       >>> from flax import nnx
@@ -195,6 +262,104 @@ class BatchRenorm(BatchNorm):
     bounds are the schedules' values at it. Inference is exactly BatchNorm's. The
     math is `jaxrenorm.batch_renorm`'s.
 
+    Args:
+      num_features: the size of the feature axis (the shape of the parameters and
+        statistics).
+      use_running_average: True normalizes with the running statistics (inference),
+        False (the default) with the batch's, updating the running ones (training).
+        The argument of the call takes precedence; `.train()`, `.eval()` and
+        `nnx.view(model, use_running_average=...)` set this one. As in
+        flax.nnx.BatchNorm.
+      axis: the feature axis: the statistics are computed over every other axis.
+        Default -1, the last; as in flax.nnx.BatchNorm.
+      momentum: decay rate of the running statistics, in [0, 1]: running = momentum
+        * running + (1 - momentum) * batch, the weight of the old value, as in
+        flax.nnx.BatchNorm (PyTorch's momentum is one minus this: see
+        `jaxrenorm.interop.momentum_from_torch`).
+      epsilon: a small value added to the variance before the square root, >= 0; as
+        in flax.nnx.BatchNorm.
+      dtype: the output dtype; None promotes the input with the variables through
+        `promote_dtype`, as in flax.nnx.BatchNorm. The statistics are computed in at
+        least float32.
+      param_dtype: the dtype of the parameters (`scale`, `bias`, InstanceRenorm's
+        `rho`), float32 by default; as in flax.nnx.BatchNorm.
+      use_bias: learn a per-feature `bias` (beta) added after normalizing; as in
+        flax.nnx.BatchNorm.
+      use_scale: learn a per-feature `scale` (gamma) that multiplies the normalized
+        input; as in flax.nnx.BatchNorm.
+      bias_init: the initializer of `bias` (zeros by default); as in
+        flax.nnx.BatchNorm.
+      scale_init: the initializer of `scale` (ones by default); as in
+        flax.nnx.BatchNorm.
+      axis_name: the named axis, or tuple of axis names, of a `pmap`, `shard_map` or
+        `vmap` whose devices share the statistics of the global batch, computed with
+        one all-reduce per layer (and at most one more in the backward pass); as in
+        flax.nnx.BatchNorm. Not needed under `jit` with a sharded batch, where XLA
+        inserts the collectives. The one-pass variance then needs a reference point
+        common to all devices, the running mean: relative error 9e-5 when the
+        running mean is 30 batch standard deviations from the batch mean, 2e-3 at
+        100 (float32). Far from it (offset data at the first steps) use
+        `use_fast_variance=False`.
+      axis_index_groups: groups of device indices along `axis_name`, each normalized
+        with its own statistics (e.g. `[[0, 1], [2, 3]]`); as in flax.nnx.BatchNorm.
+      use_fast_variance: True (the default, as in flax.nnx.BatchNorm) computes the
+        variance in one pass, shifted by a sample of the data so that it stays
+        accurate on offset data, where Flax's one-pass E[x^2] - E[x]^2 is not (x =
+        1e4 + N(0, 1) in float32: relative error 1e-7 against 23). False computes
+        the exact two-pass variance, at the cost of a second all-reduce with
+        `axis_name`.
+      promote_dtype: called as `promote_dtype((x, mean, var, scale, bias),
+        dtype=dtype)`, it returns them promoted to one dtype: the layer normalizes
+        the promoted input with the promoted scale and bias and outputs their dtype;
+        as in flax.nnx.BatchNorm. The statistics are still computed, and the running
+        statistics kept, in at least float32.
+      rngs: the `nnx.Rngs` whose `params` stream the initializers draw from.
+      bias_metadata: metadata of the `bias` `nnx.Param`, e.g. its sharding
+        annotation, which `nnx.get_partition_spec` and sharding rules read; as in
+        flax.nnx.BatchNorm.
+      scale_metadata: metadata of the `scale` `nnx.Param`, like `bias_metadata`; as
+        in flax.nnx.BatchNorm.
+      virtual_batch_size: statistics over consecutive groups ("virtual" or "ghost"
+        batches) of this many examples along axis 0, which it must divide; the
+        running statistics move towards the mean over groups of the group means and
+        variances. Groups are local to each device (no collective). None: the whole
+        batch.
+      bessel_correction: update the running variance with the unbiased batch
+        variance n / (n - 1) * var_B, n the number of valid values per feature (per
+        group with virtual batches), as PyTorch does; the normalization itself
+        always uses the biased var_B. False by default, Flax's convention.
+      r_max: the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): a float or a
+        schedule `step -> value` (any optax schedule) evaluated at the layer's
+        `steps` counter, the number of training calls so far. Default: the paper's
+        schedule `jaxrenorm.schedules.PAPER_R_MAX`, 1 (plain BatchNorm) until step
+        5,000, then linear to 3 at step 40,000; for a shorter run use
+        `jaxrenorm.schedules.scaled_paper_schedules`.
+      d_max: the bound on |d|, >= 0 (d is clipped to [-d_max, d_max]): a float or a
+        schedule `step -> value` (any optax schedule) evaluated at the layer's
+        `steps` counter, the number of training calls so far. Default: the paper's
+        schedule `jaxrenorm.schedules.PAPER_D_MAX`, 0 until step 5,000, then linear
+        to 5 at step 25,000.
+      grad_through_batch_moments: True (the paper) differentiates through the batch
+        mean and variance. False treats them as constants in the backward pass (the
+        forward pass is unchanged): the gradient is then that of the affine map y =
+        scale * r / s_B * x + ..., which no longer removes the directions that move
+        a whole statistics group together. Use it when the groups that provide the
+        statistics are not representative (e.g. each holds one class), with a
+        BatchNorm warm-up, since nothing then stops the layer's input from drifting
+        in scale or offset. "adaptive" (with `virtual_batch_size`, for groups whose
+        kind is not known in advance) scales the gradient through each group's
+        moments, per feature, by exp(-max(F - 1, 0)), with F the one-way ANOVA F
+        statistic of the call's groups of n values, n * s_b^2 / (s_w^2 + epsilon)
+        (s_b^2 the unbiased variance of the group means, s_w^2 the mean unbiased
+        variance within the groups): about 1 when the groups are samples of one
+        distribution (the paper's gradient), large when each group holds its own
+        kind of data (then as with False). With one group it is the paper's
+        gradient.
+      diagnostics: if True, each training call stores `r_clipped`, `d_clipped`,
+        `r_mean_abs_dev` and `d_mean_abs` (see `jaxrenorm.collect_diagnostics`) as a
+        dict in `self.diagnostics_values`, an `nnx.Intermediate` (zeros until the
+        first training call). Off by default.
+
     Examples:
       >>> import jax, jaxrenorm
       >>> from flax import nnx
@@ -250,6 +415,107 @@ class InstanceRenorm(BatchRenorm):
     `nnx.Param` of shape `(num_features,)` used as clip(rho, 0, 1). Inputs need a
     batch axis, at least one spatial axis and the features (rank >= 3). See
     `jaxrenorm.linen.InstanceRenorm` and, for the math, `jaxrenorm.instance_renorm`.
+
+    Args:
+      num_features: the size of the feature axis (the shape of the parameters and
+        statistics).
+      use_running_average: True normalizes with the running statistics (inference),
+        False (the default) with the batch's, updating the running ones (training).
+        The argument of the call takes precedence; `.train()`, `.eval()` and
+        `nnx.view(model, use_running_average=...)` set this one. As in
+        flax.nnx.BatchNorm.
+      axis: the feature axis: the statistics are computed over every other axis.
+        Default -1, the last; as in flax.nnx.BatchNorm.
+      momentum: decay rate of the running statistics, in [0, 1]: running = momentum
+        * running + (1 - momentum) * batch, the weight of the old value, as in
+        flax.nnx.BatchNorm (PyTorch's momentum is one minus this: see
+        `jaxrenorm.interop.momentum_from_torch`).
+      epsilon: a small value added to the variance before the square root, >= 0; as
+        in flax.nnx.BatchNorm.
+      dtype: the output dtype; None promotes the input with the variables through
+        `promote_dtype`, as in flax.nnx.BatchNorm. The statistics are computed in at
+        least float32.
+      param_dtype: the dtype of the parameters (`scale`, `bias`, InstanceRenorm's
+        `rho`), float32 by default; as in flax.nnx.BatchNorm.
+      use_bias: learn a per-feature `bias` (beta) added after normalizing; as in
+        flax.nnx.BatchNorm.
+      use_scale: learn a per-feature `scale` (gamma) that multiplies the normalized
+        input; as in flax.nnx.BatchNorm.
+      bias_init: the initializer of `bias` (zeros by default); as in
+        flax.nnx.BatchNorm.
+      scale_init: the initializer of `scale` (ones by default); as in
+        flax.nnx.BatchNorm.
+      axis_name: the named axis, or tuple of axis names, of a `pmap`, `shard_map` or
+        `vmap` whose devices share the statistics of the global batch, computed with
+        one all-reduce per layer (and at most one more in the backward pass); as in
+        flax.nnx.BatchNorm. Not needed under `jit` with a sharded batch, where XLA
+        inserts the collectives. The one-pass variance then needs a reference point
+        common to all devices, the running mean: relative error 9e-5 when the
+        running mean is 30 batch standard deviations from the batch mean, 2e-3 at
+        100 (float32). Far from it (offset data at the first steps) use
+        `use_fast_variance=False`.
+      axis_index_groups: groups of device indices along `axis_name`, each normalized
+        with its own statistics (e.g. `[[0, 1], [2, 3]]`); as in flax.nnx.BatchNorm.
+      use_fast_variance: True (the default, as in flax.nnx.BatchNorm) computes the
+        variance in one pass, shifted by a sample of the data so that it stays
+        accurate on offset data, where Flax's one-pass E[x^2] - E[x]^2 is not (x =
+        1e4 + N(0, 1) in float32: relative error 1e-7 against 23). False computes
+        the exact two-pass variance, at the cost of a second all-reduce with
+        `axis_name`.
+      promote_dtype: called as `promote_dtype((x, mean, var, scale, bias),
+        dtype=dtype)`, it returns them promoted to one dtype: the layer normalizes
+        the promoted input with the promoted scale and bias and outputs their dtype;
+        as in flax.nnx.BatchNorm. The statistics are still computed, and the running
+        statistics kept, in at least float32.
+      rngs: the `nnx.Rngs` whose `params` stream the initializers draw from.
+      bias_metadata: metadata of the `bias` `nnx.Param`, e.g. its sharding
+        annotation, which `nnx.get_partition_spec` and sharding rules read; as in
+        flax.nnx.BatchNorm.
+      scale_metadata: metadata of the `scale` `nnx.Param`, like `bias_metadata`; as
+        in flax.nnx.BatchNorm.
+      virtual_batch_size: statistics over consecutive groups ("virtual" or "ghost"
+        batches) of this many examples along axis 0, which it must divide; the
+        running statistics move towards the mean over groups of the group means and
+        variances. Groups are local to each device (no collective). None: the whole
+        batch.
+      bessel_correction: update the running variance with the unbiased batch
+        variance n / (n - 1) * var_B, n the number of valid values per feature (per
+        group with virtual batches), as PyTorch does; the normalization itself
+        always uses the biased var_B. False by default, Flax's convention.
+      r_max: the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): a float or a
+        schedule `step -> value` (any optax schedule) evaluated at the layer's
+        `steps` counter, the number of training calls so far. Default: the paper's
+        schedule `jaxrenorm.schedules.PAPER_R_MAX`, 1 (plain BatchNorm) until step
+        5,000, then linear to 3 at step 40,000; for a shorter run use
+        `jaxrenorm.schedules.scaled_paper_schedules`.
+      d_max: the bound on |d|, >= 0 (d is clipped to [-d_max, d_max]): a float or a
+        schedule `step -> value` (any optax schedule) evaluated at the layer's
+        `steps` counter, the number of training calls so far. Default: the paper's
+        schedule `jaxrenorm.schedules.PAPER_D_MAX`, 0 until step 5,000, then linear
+        to 5 at step 25,000.
+      grad_through_batch_moments: True (the paper) differentiates through the batch
+        mean and variance. False treats them as constants in the backward pass (the
+        forward pass is unchanged): the gradient is then that of the affine map y =
+        scale * r / s_B * x + ..., which no longer removes the directions that move
+        a whole statistics group together. Use it when the groups that provide the
+        statistics are not representative (e.g. each holds one class), with a
+        BatchNorm warm-up, since nothing then stops the layer's input from drifting
+        in scale or offset. "adaptive" (with `virtual_batch_size`, for groups whose
+        kind is not known in advance) scales the gradient through each group's
+        moments, per feature, by exp(-max(F - 1, 0)), with F the one-way ANOVA F
+        statistic of the call's groups of n values, n * s_b^2 / (s_w^2 + epsilon)
+        (s_b^2 the unbiased variance of the group means, s_w^2 the mean unbiased
+        variance within the groups): about 1 when the groups are samples of one
+        distribution (the paper's gradient), large when each group holds its own
+        kind of data (then as with False). With one group it is the paper's
+        gradient.
+      diagnostics: if True, each training call stores `r_clipped`, `d_clipped`,
+        `r_mean_abs_dev` and `d_mean_abs` (see `jaxrenorm.collect_diagnostics`) as a
+        dict in `self.diagnostics_values`, an `nnx.Intermediate` (zeros until the
+        first training call). Off by default.
+      rho_init: the initializer of the gate `rho` (feature shape, `param_dtype`):
+        0.5 everywhere by default, an even mix of batch and instance statistics.
+      rho_metadata: metadata of the `rho` `nnx.Param`, like `bias_metadata`.
 
     Examples:
       >>> import jax, jaxrenorm
