@@ -42,7 +42,6 @@ shared. `Layer` states the part the glue calls. A family provides:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -52,6 +51,7 @@ import jax.numpy as jnp
 from jaxrenorm._checks import Layout, check_layout, check_step_count
 from jaxrenorm._norm import Options, RenormTerms, _normalize
 from jaxrenorm._recalibration import Moments, input_moments, is_recording_inputs
+from jaxrenorm._xla import traced_once
 
 Bound = float | Callable[[jax.Array], jax.Array]
 
@@ -98,23 +98,7 @@ def renorm_diagnostics(terms: RenormTerms) -> dict[str, jax.Array]:
 
 def bounds_at(r_max: Bound, d_max: Bound, step: jax.Array) -> tuple[Any, Any]:
     """The renorm bounds at training step `step`: each a constant or a schedule's value."""
-    return tuple(_value_at(bound, step) if callable(bound) else bound for bound in (r_max, d_max))
-
-
-def _value_at(schedule: Callable[[jax.Array], Any], step: jax.Array) -> Any:
-    """schedule(step); inside a trace, traced once per schedule rather than once per layer."""
-    if not isinstance(step, jax.core.Tracer):
-        return schedule(step)
-    try:
-        jitted = _jitted(schedule)
-    except TypeError:  # an unhashable callable
-        return schedule(step)
-    return jitted(step)
-
-
-@functools.lru_cache(maxsize=64)
-def _jitted(schedule: Callable[[jax.Array], Any]) -> Callable[[jax.Array], Any]:
-    return jax.jit(schedule)
+    return tuple(traced_once(bound, step) if callable(bound) else bound for bound in (r_max, d_max))
 
 
 def step_count(steps: Any) -> jax.Array:

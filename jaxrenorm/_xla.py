@@ -11,6 +11,8 @@ figures are in docs/benchmarks.md: "The backward pass" for what is saved, and
 - `rsqrt`: 1 / sqrt(v) differentiated by multiplying, not dividing.
 - `inverse_bound`: 1 / r_max divided per feature, not once and broadcast.
 - `materialized`: per-feature values computed once, not fused into every kernel.
+- `traced_once`: a schedule of the renorm bounds jitted, so that it is traced
+  once per step, not once per layer.
 
 Caches (the only two in the package; both live as long as the process):
 
@@ -19,8 +21,9 @@ Caches (the only two in the package; both live as long as the process):
   setting of a layer, so the layers of a network that share one are traced,
   differentiated and lowered once. A plan that cannot be hashed (e.g.
   `axis_index_groups` given as lists) bypasses the cache.
-- `jaxrenorm._layers._jitted`: key (the schedule object); at most 64 entries. Each
-  schedule of a renorm bound is traced once per step rather than once per layer.
+- `_jitted` (used by `traced_once`): key (the schedule object); at most 64
+  entries. Each schedule of a renorm bound is traced once per step rather than
+  once per layer.
 """
 
 from __future__ import annotations
@@ -135,3 +138,22 @@ def materialized(*values: jax.Array) -> tuple[jax.Array, ...]:
     stacked = jnp.stack(values)
     floor = jnp.full_like(stacked, -jnp.inf)
     return tuple(jnp.max(jnp.stack([stacked, floor]), axis=0))
+
+
+# --- schedules of the renorm bounds -------------------------------------------------
+
+
+def traced_once(schedule: Callable[[jax.Array], Any], step: jax.Array) -> Any:
+    """schedule(step); inside a trace, traced once per schedule rather than once per layer."""
+    if not isinstance(step, jax.core.Tracer):
+        return schedule(step)
+    try:
+        jitted = _jitted(schedule)
+    except TypeError:  # an unhashable callable
+        return schedule(step)
+    return jitted(step)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(schedule: Callable[[jax.Array], Any]) -> Callable[[jax.Array], Any]:
+    return jax.jit(schedule)

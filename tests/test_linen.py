@@ -264,6 +264,31 @@ def test_class_relations_and_hooks_match_the_nnx_family():
     assert fields(jaxrenorm.linen.BatchRenorm)[: len(bn)] == bn
 
 
+def test_every_setting_of_the_pure_function_is_a_layer_setting_in_both_families():
+    """The glue reads settings by name, so an option added to `batch_renorm` must be
+    a linen field and an NNX constructor argument of the same name and default (the
+    layers list them in source so that pyright and IDEs see them; this ties them)."""
+    from tests.test_nnx import _constructor_parameters
+
+    pure = inspect.signature(jaxrenorm.batch_renorm).parameters
+    per_call = {"x", "params", "batch_stats", "mask"}
+    layer_defaults = {"use_running_average", "r_max", "d_max"}  # None/False, schedules
+    linen = {f.name: f.default for f in dataclasses.fields(jaxrenorm.linen.BatchRenorm)}
+    nnx_args = {k: p.default for k, p in _constructor_parameters(jaxrenorm.nnx.BatchRenorm).items()}
+    for name, parameter in pure.items():
+        if name in per_call:
+            continue
+        assert name in linen, f"linen.BatchRenorm lacks `{name}`"
+        assert name in nnx_args, f"nnx.BatchRenorm lacks `{name}`"
+        if name not in layer_defaults:
+            assert linen[name] == parameter.default, name
+            assert nnx_args[name] == parameter.default, name
+    for name in ("r_max", "d_max"):
+        assert linen[name] is nnx_args[name], name
+    shared = set(linen) & set(nnx_args)
+    assert all(linen[n] == nnx_args[n] for n in shared - {"use_running_average"}), shared
+
+
 def test_modules_train_in_a_model():
     """A small MLP with each module trains (loss falls) under jit with optax."""
 
