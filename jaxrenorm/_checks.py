@@ -272,16 +272,47 @@ def check_virtual_batch(v: Any, layout: Layout) -> None:
             "`virtual_batch_size` groups examples along axis 0, which `axis` makes a "
             f"feature axis (input shape {layout.shape})."
         )
-    if layout.shape[0] % v:
+    remainder = layout.shape[0] % v
+    if not isinstance(remainder, int):  # a symbolic batch size (`jax.export`)
+        raise ValueError(
+            f"`virtual_batch_size`={v} needs a batch size known to be a multiple of it; "
+            f"the symbolic batch size {layout.shape[0]} (input shape {layout.shape}) is "
+            f"not: write it as a multiple, e.g. `{v}*k` in `jax.export.symbolic_shape`."
+        )
+    if remainder:
         raise ValueError(
             f"`virtual_batch_size`={v} does not divide the batch size {layout.shape[0]} "
             f"(axis 0 of the input, shape {layout.shape})."
         )
 
 
+def check_axis_bound(axis_name: Any, caller: str) -> None:
+    """Every name of a training call's `axis_name` is bound by an enclosing transform.
+
+    A `NameError`, as JAX's own unbound-axis error, so that code catching that one
+    (Equinox's among it) keeps working; this one names the layer and what to do.
+    """
+    for name in axis_name if isinstance(axis_name, tuple) else (axis_name,):
+        try:
+            jax.lax.axis_size(name)
+        except NameError:
+            raise NameError(
+                f"{caller}: `axis_name`={name!r} names no axis bound here, so the batch "
+                "statistics cannot be shared across devices. Call it inside a transform "
+                f"that binds the axis (`jax.pmap`, `jax.shard_map`, `jax.vmap`, or NNX's "
+                f"`nnx.pmap`/`nnx.vmap`, with axis_name={name!r}), or leave `axis_name` "
+                "unset (None) for a single device or a batch sharded under `jit`, where "
+                "XLA inserts the collectives."
+            ) from None
+
+
 def check_more_than_one_value(values: int, shape: tuple[int, ...], where: str, caller: str) -> None:
-    """A training call's statistics groups must hold more than one value per feature."""
-    if values == 1:
+    """A training call's statistics groups must hold more than one value per feature.
+
+    A symbolic count (`jax.export` with a symbolic batch size) passes: whether the
+    batch will hold one example is not known until the exported function is called.
+    """
+    if isinstance(values, int) and values == 1:
         raise ValueError(
             f"{caller}: a training call on an input of shape {shape} gives every statistics "
             f"group one value per feature ({where}). The batch statistics of one value are "

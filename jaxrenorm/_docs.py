@@ -128,12 +128,13 @@ ARGUMENTS: dict[str, str | dict[str, str]] = {
     "axis_name": (
         "the named axis, or tuple of axis names, of a `pmap`, `shard_map` or `vmap` "
         "whose devices share the statistics of the global batch, computed with one "
-        "all-reduce per layer (and at most one more in the backward pass); as in "
+        "collective per layer, a gather of a few values per feature and device (and "
+        "one more in the backward pass); as in "
         "{flax}. Not needed under `jit` with a sharded batch, where XLA inserts the "
-        "collectives. The one-pass variance then needs a reference point common to "
-        "all devices, the running mean: relative error 9e-5 when the running mean is "
-        "30 batch standard deviations from the batch mean, 2e-3 at 100 (float32). "
-        "Far from it (offset data at the first steps) use `use_fast_variance=False`."
+        "collectives. Each device's moments are about a sample of its own data and "
+        "are merged exactly, so the result is as accurate as on one device whatever "
+        "the running statistics of the devices hold (they may differ, as in a "
+        "`vmap`ped ensemble)."
     ),
     "axis_index_groups": (
         "groups of device indices along `axis_name`, each normalized with its own "
@@ -152,7 +153,8 @@ ARGUMENTS: dict[str, str | dict[str, str]] = {
         "by a sample of the data so that it stays accurate on offset data, where "
         "Flax's one-pass E[x^2] - E[x]^2 is not (x = 1e4 + N(0, 1) in float32: "
         "relative error 1e-7 against 23). False computes the exact two-pass "
-        "variance, at the cost of a second all-reduce with `axis_name`."
+        "variance, at the cost of a second pass over the data (the collective with "
+        "`axis_name` stays one)."
     ),
     "force_float32_reductions": (
         "True (the default) keeps the running statistics in float32; False keeps "
@@ -171,6 +173,15 @@ ARGUMENTS: dict[str, str | dict[str, str]] = {
         "n / (n - 1) * var_B, n the number of valid values per feature (per group "
         "with virtual batches), as PyTorch does; the normalization itself always "
         "uses the biased var_B. False by default, Flax's convention."
+    ),
+    "batch_stats_dtype": (
+        "the dtype of the running statistics `mean` and `var`. None (the default) "
+        "keeps them in float32 (linen: in `param_dtype` with "
+        "`force_float32_reductions=False`), whatever the input. `jnp.float64`, with "
+        "`jax_enable_x64`, keeps them in float64: inference on float64 inputs is then "
+        "as accurate as the float64 computation (on offset data float32 statistics "
+        "cost about 1e-4 relative). The pure functions keep the dtype of the "
+        "`batch_stats` they are given (`init_batch_stats(n, jnp.float64)`)."
     ),
     "r_max": {
         "pure": (

@@ -34,6 +34,7 @@ float64 NumPy, one formula per line; the tests compare the two.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -47,6 +48,7 @@ from jax.sharding import PartitionSpec as P
 from jaxrenorm._checks import (
     Axes,
     Layout,
+    check_axis_bound,
     check_batch_stats,
     check_feature_shape,
     check_floating_dtype,
@@ -200,13 +202,13 @@ def batch_norm(
         in flax.linen.BatchNorm.
       axis_name: the named axis, or tuple of axis names, of a `pmap`, `shard_map` or
         `vmap` whose devices share the statistics of the global batch, computed with
-        one all-reduce per layer (and at most one more in the backward pass); as in
-        flax.linen.BatchNorm. Not needed under `jit` with a sharded batch, where XLA
-        inserts the collectives. The one-pass variance then needs a reference point
-        common to all devices, the running mean: relative error 9e-5 when the
-        running mean is 30 batch standard deviations from the batch mean, 2e-3 at
-        100 (float32). Far from it (offset data at the first steps) use
-        `use_fast_variance=False`.
+        one collective per layer, a gather of a few values per feature and device
+        (and one more in the backward pass); as in flax.linen.BatchNorm. Not needed
+        under `jit` with a sharded batch, where XLA inserts the collectives. Each
+        device's moments are about a sample of its own data and are merged exactly,
+        so the result is as accurate as on one device whatever the running
+        statistics of the devices hold (they may differ, as in a `vmap`ped
+        ensemble).
       axis_index_groups: groups of device indices along `axis_name`, each normalized
         with its own statistics (e.g. `[[0, 1], [2, 3]]`); as in
         flax.linen.BatchNorm.
@@ -220,8 +222,8 @@ def batch_norm(
         variance in one pass, shifted by a sample of the data so that it stays
         accurate on offset data, where Flax's one-pass E[x^2] - E[x]^2 is not (x =
         1e4 + N(0, 1) in float32: relative error 1e-7 against 23). False computes
-        the exact two-pass variance, at the cost of a second all-reduce with
-        `axis_name`.
+        the exact two-pass variance, at the cost of a second pass over the data (the
+        collective with `axis_name` stays one).
       dtype: the output dtype (default: the input's). The statistics are computed in
         at least float32 whatever the dtype.
       virtual_batch_size: statistics over consecutive groups ("virtual" or "ghost"
@@ -314,13 +316,13 @@ def batch_renorm(
         in flax.linen.BatchNorm.
       axis_name: the named axis, or tuple of axis names, of a `pmap`, `shard_map` or
         `vmap` whose devices share the statistics of the global batch, computed with
-        one all-reduce per layer (and at most one more in the backward pass); as in
-        flax.linen.BatchNorm. Not needed under `jit` with a sharded batch, where XLA
-        inserts the collectives. The one-pass variance then needs a reference point
-        common to all devices, the running mean: relative error 9e-5 when the
-        running mean is 30 batch standard deviations from the batch mean, 2e-3 at
-        100 (float32). Far from it (offset data at the first steps) use
-        `use_fast_variance=False`.
+        one collective per layer, a gather of a few values per feature and device
+        (and one more in the backward pass); as in flax.linen.BatchNorm. Not needed
+        under `jit` with a sharded batch, where XLA inserts the collectives. Each
+        device's moments are about a sample of its own data and are merged exactly,
+        so the result is as accurate as on one device whatever the running
+        statistics of the devices hold (they may differ, as in a `vmap`ped
+        ensemble).
       axis_index_groups: groups of device indices along `axis_name`, each normalized
         with its own statistics (e.g. `[[0, 1], [2, 3]]`); as in
         flax.linen.BatchNorm.
@@ -334,8 +336,8 @@ def batch_renorm(
         variance in one pass, shifted by a sample of the data so that it stays
         accurate on offset data, where Flax's one-pass E[x^2] - E[x]^2 is not (x =
         1e4 + N(0, 1) in float32: relative error 1e-7 against 23). False computes
-        the exact two-pass variance, at the cost of a second all-reduce with
-        `axis_name`.
+        the exact two-pass variance, at the cost of a second pass over the data (the
+        collective with `axis_name` stays one).
       dtype: the output dtype (default: the input's). The statistics are computed in
         at least float32 whatever the dtype.
       virtual_batch_size: statistics over consecutive groups ("virtual" or "ghost"
@@ -464,13 +466,13 @@ def instance_renorm(
         in flax.linen.BatchNorm.
       axis_name: the named axis, or tuple of axis names, of a `pmap`, `shard_map` or
         `vmap` whose devices share the statistics of the global batch, computed with
-        one all-reduce per layer (and at most one more in the backward pass); as in
-        flax.linen.BatchNorm. Not needed under `jit` with a sharded batch, where XLA
-        inserts the collectives. The one-pass variance then needs a reference point
-        common to all devices, the running mean: relative error 9e-5 when the
-        running mean is 30 batch standard deviations from the batch mean, 2e-3 at
-        100 (float32). Far from it (offset data at the first steps) use
-        `use_fast_variance=False`.
+        one collective per layer, a gather of a few values per feature and device
+        (and one more in the backward pass); as in flax.linen.BatchNorm. Not needed
+        under `jit` with a sharded batch, where XLA inserts the collectives. Each
+        device's moments are about a sample of its own data and are merged exactly,
+        so the result is as accurate as on one device whatever the running
+        statistics of the devices hold (they may differ, as in a `vmap`ped
+        ensemble).
       axis_index_groups: groups of device indices along `axis_name`, each normalized
         with its own statistics (e.g. `[[0, 1], [2, 3]]`); as in
         flax.linen.BatchNorm.
@@ -480,8 +482,8 @@ def instance_renorm(
         variance in one pass, shifted by a sample of the data so that it stays
         accurate on offset data, where Flax's one-pass E[x^2] - E[x]^2 is not (x =
         1e4 + N(0, 1) in float32: relative error 1e-7 against 23). False computes
-        the exact two-pass variance, at the cost of a second all-reduce with
-        `axis_name`.
+        the exact two-pass variance, at the cost of a second pass over the data (the
+        collective with `axis_name` stays one).
       dtype: the output dtype (default: the input's). The statistics are computed in
         at least float32 whatever the dtype.
       virtual_batch_size: statistics over consecutive groups ("virtual" or "ghost"
@@ -642,6 +644,8 @@ def _validate(
     if not options.use_running_average:
         if options.virtual_batch_size is not None:
             check_virtual_batch(options.virtual_batch_size, layout)
+        if options.axis_name is not None and options.virtual_batch_size is None:
+            check_axis_bound(options.axis_name, caller)
         if not options.initializing:
             check_more_than_one_value(*_values_per_group(layout, options), caller)
     return x, layout, options, PerFeature(mean, var, scale, bias, gate)
@@ -651,13 +655,15 @@ def _values_per_group(layout: Layout, options: Options) -> tuple[int, tuple[int,
     """(values per feature in one training statistics group, the shape, how they count).
 
     Static: the shapes, the virtual group size and the number of devices that share
-    the statistics (a mask's count is data and is not checked).
+    the statistics (a mask's count is data and is not checked). A symbolic
+    dimension (`jax.export`) makes the count symbolic, and a symbolic count is
+    never 1 for the check: the size it stands for is not known until the call.
     """
-    values = int(np.prod([layout.shape[a] for a in layout.reduction_axes]))
     v = options.virtual_batch_size
     if v is not None:  # local groups of v examples
-        values = values // layout.shape[0] * v
+        values = math.prod(layout.shape[a] for a in layout.reduction_axes if a != 0) * v
         return values, layout.shape, f"virtual groups of {v} example, no other axis reduced"
+    values = math.prod(layout.shape[a] for a in layout.reduction_axes)
     if values == 1 and options.axis_name is not None:
         # The smallest group of devices decides: its statistics have the fewest values.
         devices = min(device_group_sizes(options.axis_name, options.axis_index_groups))
@@ -826,8 +832,10 @@ def _batch_moments(
     """The batch's moments, and the per-example ones they merge for the instance branch.
 
     The shift of the one-pass variance is a sample of each group: its first valid
-    element (the running mean where a group has none); across devices it must be
-    the same everywhere, so it is the running mean.
+    element (the running mean where a group has none). With `axis_name` each
+    device's moments are about its own sample, merged exactly across devices
+    (`jaxrenorm._stats.across_devices`), so the devices' running statistics need
+    not be equal.
     """
     running_mean = lax.stop_gradient(running_mean)
     collective = dict(
@@ -839,9 +847,8 @@ def _batch_moments(
     def first_valid_of(v, axes, valid):  # None: the first element, valid without a mask
         return None if valid is None else first_valid(v, axes, valid, running_mean)
 
-    common = running_mean if plan.axis_name is not None else None
     if not plan.example_axes:
-        shift = first_valid_of(x, plan.reduction_axes, mask) if common is None else common
+        shift = first_valid_of(x, plan.reduction_axes, mask)
         moments = compute_moments(x, plan.reduction_axes, mask=mask, shift=shift, **collective)
         return Moments(*(saved(v) for v in moments)), None
     # One pass over the data: per-example moments (each with its own shift, so an
@@ -854,8 +861,10 @@ def _batch_moments(
         shift=first_valid_of(x, plan.spatial_axes, mask),
     )
     parts = Moments(*(saved(v) for v in parts))
-    if common is None and mask is not None:  # an example may have no valid element
-        common = first_valid(parts.shift, plan.example_axes, parts.count > 0, running_mean)
+    # An example may have no valid element: the first example that has one.
+    common = first_valid_of(
+        parts.shift, plan.example_axes, None if mask is None else parts.count > 0
+    )
     moments = merge_moments(
         parts, plan.example_axes, shift=common, static_count=mask is None, **collective
     )
@@ -983,13 +992,21 @@ def _mix_instance(
     instance branch normalizes each example with its own moments `parts`. Both are
     affine in x, so the mix is (x - k_i) * A_i + C_i with per-example, per-feature
     coefficients, centred on each example's own shift k_i for accuracy.
+
+    An example with no valid element has no moments of its own (a variance of 0
+    would scale its masked positions by 1 / sqrt(epsilon)): its outputs are the
+    batch branch's, at the scale of the others.
     """
     gate, scale, bias = _unit_gate(per_feature.gate), per_feature.scale, per_feature.bias
     a_in = rsqrt(parts.var + plan.epsilon)
     a_in = a_in if scale is None else a_in * scale
-    a_mix = saved(gate * a + (1 - gate) * a_in)
     c_batch = _plus((parts.shift - shift) * a, c)
-    c_mix = saved(gate * c_batch + (1 - gate) * _plus(-parts.offset * a_in, bias))
+    c_in = _plus(-parts.offset * a_in, bias)
+    a_mix, c_mix = gate * a + (1 - gate) * a_in, gate * c_batch + (1 - gate) * c_in
+    if mask is not None:  # only a mask can leave an example empty
+        empty = parts.count == 0
+        a_mix, c_mix = jnp.where(empty, a, a_mix), jnp.where(empty, c_batch, c_mix)
+    a_mix, c_mix = saved(a_mix), saved(c_mix)
     if mask is not None:
         # As in `_affine_output`: no 0 * NaN from masked positions reaches gradients.
         x = jnp.where(mask | jnp.isfinite(x), x, parts.shift)

@@ -10,8 +10,9 @@ algorithm (Chan, Golub & LeVeque 1983): with a per-feature reference point k,
 Cancellation in `m2 - |m1|^2` loses a factor of about 1 + (m1 / std)^2, so any k
 within a few standard deviations of the mean is as good as the exact two-pass
 algorithm. On one device k is the first valid element of the batch (a sample of
-the distribution itself); across devices it must be the same on every device, so
-the layers pass the running mean (see `_norm`). The textbook E[x^2] - E[x]^2 (k = 0,
+the distribution itself). Across devices each device shifts by a sample of its
+own data, and the devices' moments are merged exactly (`across_devices`), in the
+one collective. The textbook E[x^2] - E[x]^2 (k = 0,
 Flax's default) loses a factor (mean / std)^2, every digit on offset data.
 
 Speed. XLA:CPU lowers each reduction to its own kernel and shares a common
@@ -23,6 +24,7 @@ The measured alternatives are in docs/benchmarks.md.
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -125,7 +127,7 @@ def first_valid(
         ok = jnp.isfinite(k)
     else:
         mask = mask.reshape((1,) * (x.ndim - mask.ndim) + mask.shape)
-        varying = tuple(a for a in axes if mask.shape[a] > 1)
+        varying = tuple(a for a in axes if mask.shape[a] != 1)  # symbolic: varies
         if varying:
             index, found = _first_true(mask, varying)
             k = _gather(x, axes, index)
@@ -139,10 +141,10 @@ def first_valid(
 def _first_true(mask: jax.Array, axes: tuple[int, ...]) -> tuple[dict[int, jax.Array], jax.Array]:
     """({axis: index of the first True along `axes`, row-major}, whether there is one)."""
     sizes = [mask.shape[a] for a in axes]
-    strides = [int(np.prod(sizes[i + 1 :], dtype=np.int64)) for i in range(len(axes))]
+    strides = [math.prod(sizes[i + 1 :]) for i in range(len(axes))]  # symbolic sizes too
     position = zip(axes, strides, strict=True)
     flat = sum(lax.broadcasted_iota(jnp.int32, mask.shape, a) * st for a, st in position)
-    none = int(np.prod(sizes, dtype=np.int64))
+    none = math.prod(sizes)
     first = jnp.min(jnp.where(mask, flat, none), axis=axes, keepdims=True)
     found = first < none
     first = jnp.where(found, first, 0)
@@ -169,11 +171,11 @@ def _valid_count(
     mask: jax.Array | None, shape: tuple[int, ...], axes: tuple[int, ...], dtype: jnp.dtype
 ) -> jax.Array:
     """Valid elements per feature, reducing only over the mask's own (unbroadcast) extent."""
-    n_total = np.prod([shape[a] for a in axes], dtype=np.int64)
+    n_total = math.prod(shape[a] for a in axes)  # symbolic under `jax.export`
     if mask is None:
         return jnp.full(_reduced(shape, axes), n_total, dtype)
     mask = mask.reshape((1,) * (len(shape) - mask.ndim) + mask.shape)
-    broadcast_factor = np.prod([shape[a] for a in axes if mask.shape[a] == 1], dtype=np.int64)
+    broadcast_factor = math.prod(shape[a] for a in axes if mask.shape[a] == 1)
     count = jnp.sum(mask, axis=axes, keepdims=True, dtype=jnp.int32).astype(dtype)
     return jnp.broadcast_to(count * broadcast_factor, _reduced(shape, axes))
 
@@ -202,35 +204,137 @@ def _abs_sq(z: jax.Array) -> jax.Array:
     return jnp.square(z.real) + jnp.square(z.imag) if jnp.iscomplexobj(z) else jnp.square(z)
 
 
-def _all_sum(parts: list[jax.Array], axis_name: str | None, axis_index_groups) -> list[jax.Array]:
-    """Sums per-feature partial results over devices in a single all-reduce."""
-    if axis_name is None:
-        return parts
-    dtype = jnp.result_type(*parts)
-    summed = lax.psum(
-        jnp.stack([p.astype(dtype) for p in parts]), axis_name, axis_index_groups=axis_index_groups
-    )
-    return [summed[i].astype(p.dtype) for i, p in enumerate(parts)]
+def across_devices(
+    local: Moments,
+    axis_name: Any,
+    axis_index_groups: Any,
+    static_count: bool,
+    use_fast_variance: bool = True,
+) -> Moments:
+    """The moments of the data of every device along `axis_name`, from each device's own.
 
+    Each device's moments are about its own shift k_j (a sample of its own data),
+    so nothing needs to be the same on every device. One collective gathers every
+    device's (shift, offset, var), and the count with a mask; each device then
+    merges them alike, relative to a reference point K that is common by
+    construction (the shift of the first device with a valid element):
 
-def _all_sum_counted(
-    count: jax.Array, sums: list[jax.Array], static: bool, axis_name: str | None, axis_index_groups
-) -> list[jax.Array]:
-    """`[count, *sums]` summed over devices, in the one all-reduce.
+        o_j = (k_j - K) + offset_j,   offset = sum n_j o_j / n,
+        var = sum n_j (var_j + |o_j - offset|^2) / n   (law of total variance),
 
-    A `static` count (no mask: every device holds as many values as this one) is
-    multiplied by the number of devices instead of being summed, so it stays a
-    constant: the divisions by it become multiplications XLA fuses into their
-    consumers, where a summed count made each division a kernel of its own.
+    exact, whatever the running statistics of the devices hold (with
+    `use_fast_variance`, var = sum n_j (var_j + |o_j|^2) / n - |offset|^2 in one
+    reduction: K is a sample of the data, so o stays within a few standard
+    deviations and nothing cancels). A `static_count` (no mask: every device
+    holds as many values) is not gathered: the weights n_j / n are then
+    constants, which XLA fuses into their consumers.
+
+    The derivative is written out (a custom JVP): d offset = sum_j w_j d offset_j
+    and d var = sum_j w_j (d var_j + 2 Re(conj(o_j - offset) d offset_j)), with
+    w_j = n_j / n, are sums over devices of each device's own terms, so one
+    all-reduce of two rows carries them, and its transpose is the backward
+    pass's one collective (autodiff through the gather would reduce-scatter
+    every device's slot and repeat the merge: docs/benchmarks.md, "Compile time").
     """
-    sizes = device_group_sizes(axis_name, axis_index_groups) if static else set()
-    if len(sizes) != 1:  # groups of different sizes count differently
-        return _all_sum([count, *sums], axis_name, axis_index_groups)
-    return [count * sizes.pop(), *_all_sum(sums, axis_name, axis_index_groups)]
+    if axis_name is None:
+        return local
+    sizes = device_group_sizes(axis_name, axis_index_groups)
+    static = static_count and len(sizes) == 1  # groups of different sizes count differently
+    collective = (axis_name, axis_index_groups)
+
+    def gathered_and_merged(shift, offset, var, count):
+        rows = [shift, offset, var] + ([] if static else [count])
+        gathered = _gather_devices(rows, *collective)
+        if static:  # every device holds `count` values
+            gathered.append(jnp.broadcast_to(count, gathered[0].shape))
+        return _merge(*gathered, static, use_fast_variance)
+
+    merged = jax.custom_jvp(gathered_and_merged)
+
+    @merged.defjvp
+    def merged_jvp(primals, tangents):
+        # Linear in this device's tangents, summed over devices: one all-reduce of two
+        # rows, whose transpose is the backward pass's one collective.
+        shift, offset, _, count = primals
+        _, d_offset, d_var, _ = tangents
+        # The primal computed inline, so that `jax.checkpoint` sees (and saves) the gather.
+        out = gathered_and_merged(*primals)
+        weight = count / jnp.maximum(out.count, 1)
+        centred = (shift - out.shift) + offset - out.offset
+        d_var = jnp.real(d_var) + 2 * jnp.real(jnp.conj(centred) * d_offset)
+        d_mean, d_spread = _sum_devices([weight * d_offset, weight * d_var], *collective)
+        zero = jnp.zeros_like
+        return out, Moments(zero(out.shift), d_mean, d_spread, zero(out.count))
+
+    return merged(lax.stop_gradient(local.shift), local.offset, local.var, local.count)
+
+
+def _merge(shift, offset, var, count, static: bool, use_fast_variance: bool) -> Moments:
+    """Every device's moments (on axis 0) merged about the first with a valid element."""
+    k = lax.slice_in_dim(shift, 0, 1, axis=0)  # with a `static` count, every device has one
+    if not static:
+        k = first_valid(shift, (0,), count > 0, k)  # the first device's if none has one
+    o = (shift - k) + offset
+    total = jnp.sum(count, axis=0, keepdims=True)
+    weight = count / jnp.maximum(total, 1)
+    if use_fast_variance:  # one reduction: E[var + |o|^2] - |E[o]|^2, o within a few stds
+        mean_offset, second = jnp.sum(weight * jnp.stack([o, var + _abs_sq(o)]), axis=1)
+        spread = _nonnegative(jnp.real(second) - _abs_sq(mean_offset))
+    else:
+        mean_offset = jnp.sum(weight * o, axis=0)
+        spread = jnp.sum(weight * (var + _abs_sq(o - mean_offset)), axis=0)
+    return Moments(k[0], mean_offset, spread.astype(var.dtype), total[0])
+
+
+def _sum_devices(rows: list[jax.Array], axis_name: Any, axis_index_groups: Any) -> list[jax.Array]:
+    """`rows` summed over the devices of `axis_name`, in one all-reduce."""
+    dtype = jnp.result_type(*rows)
+    summed = lax.psum(
+        jnp.stack([r.astype(dtype) for r in rows]), axis_name, axis_index_groups=axis_index_groups
+    )
+    return [_like(summed[i], r) for i, r in enumerate(rows)]
+
+
+def _gather_devices(
+    rows: list[jax.Array], axis_name: Any, axis_index_groups: Any
+) -> list[jax.Array]:
+    """Every device's `rows` along `axis_name` (or its group), stacked on a new axis 0.
+
+    One all-reduce of a one-hot layout: each device writes its rows into its own
+    slot and zeros elsewhere (a select, so a NaN stays in its slot). Every sum has
+    one nonzero term, so the gather is exact and every device holds the same bits.
+    Not `lax.all_gather`: its result counts as different on every device under
+    `shard_map` (so statistics computed from it could not be returned replicated),
+    it takes no tuple of axis names under `vmap`, and no groups of different
+    sizes. Slots past the end of a smaller group stay zero.
+    """
+    index = lax.axis_index(axis_name)
+    if axis_index_groups:
+        position = np.zeros(sum(len(g) for g in axis_index_groups), np.int32)
+        for group in axis_index_groups:
+            position[list(group)] = np.arange(len(group))
+        index = jnp.asarray(position)[index]
+    slots = max(device_group_sizes(axis_name, axis_index_groups))
+    dtype = jnp.result_type(*rows)
+    stacked = jnp.stack([r.astype(dtype) for r in rows])
+    mine = (jnp.arange(slots) == index).reshape((slots,) + (1,) * stacked.ndim)
+    gathered = lax.psum(
+        jnp.where(mine, stacked, jnp.zeros_like(stacked)),
+        axis_name,
+        axis_index_groups=axis_index_groups,
+    )
+    return [_like(gathered[:, i], r) for i, r in enumerate(rows)]
+
+
+def _like(v: jax.Array, r: jax.Array) -> jax.Array:
+    """`v` in the dtype of `r`: the real part where `r` is real."""
+    if jnp.iscomplexobj(v) and not jnp.iscomplexobj(r):
+        v = v.real
+    return v.astype(r.dtype)
 
 
 def device_group_sizes(axis_name: Any, axis_index_groups: Any) -> set[int]:
-    """The numbers of devices whose values an all-reduce over `axis_name` sums, per group.
+    """The numbers of devices whose values a collective over `axis_name` combines, per group.
 
     {1} without an axis name; one size per distinct group size with
     `axis_index_groups`. Static: read at trace time.
@@ -253,42 +357,33 @@ def compute_moments(
     use_fast_variance: bool = True,
     shift: jax.Array | None = None,
 ) -> Moments:
-    """Masked, shifted moments of `x` over `axes`, optionally summed over devices.
+    """Masked, shifted moments of `x` over `axes`, optionally merged over devices.
 
     Arguments are assumed validated (`_checks`); `mask` is boolean and broadcastable
-    to `x`; `shift`, if given, broadcasts against the reduced shape and must be the
-    same on every device of `axis_name`.
+    to `x`; `shift`, if given, broadcasts against the reduced shape (it may differ
+    between the devices of `axis_name`).
     """
     dtype = stats_dtype(x.dtype)
     x = x.astype(dtype)
     if shift is None:
-        # Across devices the shift must be common; with none given, fall back to 0.
-        shift = first_valid(x, axes, mask) if axis_name is None else jnp.zeros((), dtype)
+        shift = first_valid(x, axes, mask)
     k = lax.stop_gradient(jnp.broadcast_to(jnp.asarray(shift, dtype), _reduced(x.shape, axes)))
     # One copy of k per reduction; see the module docstring for why.
     k1, k2 = lax.optimization_barrier((k, k))
 
     count = _valid_count(mask, x.shape, axes, jnp.real(k).dtype)
-    collective = (mask is None, axis_name, axis_index_groups)
-    s1 = jnp.sum(_centered(x, k1, mask), axis=axes, keepdims=True)
+    safe = jnp.maximum(count, 1)
+    offset = jnp.sum(_centered(x, k1, mask), axis=axes, keepdims=True) / safe
     if use_fast_variance:
         s2 = jnp.sum(_abs_sq(_centered(x, k2, mask)), axis=axes, keepdims=True)
-        count, s1, s2 = _all_sum_counted(count, [s1, s2], *collective)
-        safe = jnp.maximum(count, 1)
-        offset = s1 / safe
         var = _nonnegative(s2 / safe - _abs_sq(offset))
     else:
-        count, s1 = _all_sum_counted(count, [s1], *collective)
-        safe = jnp.maximum(count, 1)
-        offset = s1 / safe
         dev = _centered(x, k2, mask) - offset
         if mask is not None:
             dev = jnp.where(mask, dev, jnp.zeros_like(dev))
-        (s2,) = _all_sum(
-            [jnp.sum(_abs_sq(dev), axis=axes, keepdims=True)], axis_name, axis_index_groups
-        )
-        var = s2 / safe
-    return Moments(shift=k, offset=offset, var=var, count=count)
+        var = jnp.sum(_abs_sq(dev), axis=axes, keepdims=True) / safe
+    local = Moments(shift=k, offset=offset, var=var, count=count)
+    return across_devices(local, axis_name, axis_index_groups, mask is None, use_fast_variance)
 
 
 def merge_moments(
@@ -307,17 +402,18 @@ def merge_moments(
     over its spatial axes), each with its own shift; the result is what
     `compute_moments` would return over the union, without reading the data
     again. Each part's mean is taken relative to a common reference point K
-    (`shift` if given, the same on every device of `axis_name`; else the first
-    part's shift), so nothing subtracts large absolute values:
+    (`shift` if given, else the first part's shift), so nothing subtracts large
+    absolute values:
 
         o_j = (k_j - K) + offset_j,   mean = K + sum n_j o_j / n,
         var = sum n_j (var_j + |o_j - o|^2) / n   (law of total variance).
 
-    The fast path sums (n, n o, n (var + |o|^2)) in one all-reduce and subtracts
-    |o|^2 once, which is accurate while K is within a few standard deviations of
-    the mean; the exact path sums the deviations from o with a second all-reduce.
-    With `static_count` (the parts' counts follow from the shape: no mask), n is
-    the same on every device and is not summed.
+    The fast path sums (n, n o, n (var + |o|^2)) and subtracts |o|^2 once, which
+    is accurate while K is within a few standard deviations of the mean; the
+    exact path sums the deviations from o. With `static_count` (the parts'
+    counts follow from the shape: no mask), n is the same on every device. The
+    merged moments are then merged over the devices of `axis_name`
+    (`across_devices`).
     """
     if shift is None:
         shift = _first(parts.shift, axes)
@@ -328,28 +424,15 @@ def merge_moments(
     def total(v):
         return jnp.sum(v, axis=axes, keepdims=True)
 
+    count = total(n)
+    safe = jnp.maximum(count, 1)
+    offset = total(n * o) / safe
     if use_fast_variance:
-        count, s1, s2 = _all_sum_counted(
-            total(n),
-            [total(n * o), total(n * (parts.var + _abs_sq(o)))],
-            static_count,
-            axis_name,
-            axis_index_groups,
-        )
-        safe = jnp.maximum(count, 1)
-        offset = s1 / safe
-        var = _nonnegative(s2 / safe - _abs_sq(offset))
+        var = _nonnegative(total(n * (parts.var + _abs_sq(o))) / safe - _abs_sq(offset))
     else:
-        count, s1 = _all_sum_counted(
-            total(n), [total(n * o)], static_count, axis_name, axis_index_groups
-        )
-        safe = jnp.maximum(count, 1)
-        offset = s1 / safe
-        (s2,) = _all_sum(
-            [total(n * (parts.var + _abs_sq(o - offset)))], axis_name, axis_index_groups
-        )
-        var = s2 / safe
-    return Moments(shift=k, offset=offset, var=var, count=count)
+        var = total(n * (parts.var + _abs_sq(o - offset))) / safe
+    local = Moments(shift=k, offset=offset, var=var, count=count)
+    return across_devices(local, axis_name, axis_index_groups, static_count, use_fast_variance)
 
 
 def _reduced(shape: tuple[int, ...], axes: tuple[int, ...]) -> tuple[int, ...]:
@@ -380,30 +463,29 @@ def moments(
     - On one device k is, per feature, the first valid element along `axes`: a
       sample of the data, as accurate as the two-pass algorithm (x = 1e4 +
       N(0, 1) in float32: relative error 1e-7, against 23 for E[x^2] - E[x]^2).
-    - Across devices (`axis_name`) k must be the same on every device, and no
-      common sample exists without a second collective, so by default k = 0:
-      E[x^2] - E[x]^2, accurate only for data near 0. Pass `shift` (a value near
-      the mean, the same on every device: a running mean, as the normalization
-      layers do) or `use_fast_variance=False`.
+    - Across devices (`axis_name`) each device does the same with its own data,
+      and the devices' moments are merged exactly (law of total variance), so
+      the result is as accurate as on one device.
 
     Args:
       x: floating-point input (real or complex).
       axes: the axes to reduce over (int or tuple of ints, negative allowed).
-      axis_name: a named axis (pmap, shard_map) to also reduce over, with one
-        all-reduce of (sum, sum of squares), and of the count with a `mask`.
+      axis_name: a named axis (pmap, shard_map, vmap), or a tuple of them, to
+        also reduce over, with one collective that gathers each device's
+        (shift, offset, variance), and its count with a `mask`.
       axis_index_groups: groups of devices along `axis_name` reduced separately.
       mask: boolean, broadcastable to `x`; False elements are left out of the
         statistics and may hold NaN or Inf.
-      use_fast_variance: if False, the exact two-pass algorithm (a second
-        all-reduce with `axis_name`), accurate whatever the shift.
+      use_fast_variance: if False, the exact two-pass algorithm (a second pass
+        over the data; still one collective), accurate whatever the shift.
       shift: the reference point k, broadcastable to the result's shape (`x`'s
-        shape without `axes`), e.g. a running mean; the same on every device of
-        `axis_name`. None: the default above.
+        shape without `axes`), e.g. a running mean; it may differ from one
+        device to the next. None: the default above.
 
     Returns:
       `(mean, var)` with `axes` removed, in the input dtype promoted to at least
       float32. With no valid element the variance is 0 and the mean is the shift
-      (0 by default).
+      (0 by default; across devices, the first device's).
 
     Examples:
       >>> import jax.numpy as jnp, jaxrenorm

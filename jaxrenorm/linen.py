@@ -21,7 +21,7 @@ from flax.linen import initializers
 from flax.linen.module import merge_param
 
 from jaxrenorm import schedules
-from jaxrenorm._checks import Axes, Layout, check_statistics_present
+from jaxrenorm._checks import Axes, Layout, check_floating_dtype, check_statistics_present
 from jaxrenorm._conversion import automatic_norm_names, convert_tree
 from jaxrenorm._docs import documents
 from jaxrenorm._layers import (
@@ -54,8 +54,9 @@ class BatchNorm(nn.Module):
     error 1e-7 where Flax's has 23).
 
     The fields are those of `flax.linen.BatchNorm`, with the same defaults, plus
-    `virtual_batch_size` and `bessel_correction`; the variables are
-    `params/scale`, `params/bias`, `batch_stats/mean` and `batch_stats/var`.
+    `virtual_batch_size`, `bessel_correction` and `batch_stats_dtype`; the
+    variables are `params/scale`, `params/bias`, `batch_stats/mean` and
+    `batch_stats/var`.
 
     Attributes:
       use_running_average: True normalizes with the running statistics (inference),
@@ -86,13 +87,13 @@ class BatchNorm(nn.Module):
         flax.linen.BatchNorm.
       axis_name: the named axis, or tuple of axis names, of a `pmap`, `shard_map` or
         `vmap` whose devices share the statistics of the global batch, computed with
-        one all-reduce per layer (and at most one more in the backward pass); as in
-        flax.linen.BatchNorm. Not needed under `jit` with a sharded batch, where XLA
-        inserts the collectives. The one-pass variance then needs a reference point
-        common to all devices, the running mean: relative error 9e-5 when the
-        running mean is 30 batch standard deviations from the batch mean, 2e-3 at
-        100 (float32). Far from it (offset data at the first steps) use
-        `use_fast_variance=False`.
+        one collective per layer, a gather of a few values per feature and device
+        (and one more in the backward pass); as in flax.linen.BatchNorm. Not needed
+        under `jit` with a sharded batch, where XLA inserts the collectives. Each
+        device's moments are about a sample of its own data and are merged exactly,
+        so the result is as accurate as on one device whatever the running
+        statistics of the devices hold (they may differ, as in a `vmap`ped
+        ensemble).
       axis_index_groups: groups of device indices along `axis_name`, each normalized
         with its own statistics (e.g. `[[0, 1], [2, 3]]`); as in
         flax.linen.BatchNorm.
@@ -100,8 +101,8 @@ class BatchNorm(nn.Module):
         variance in one pass, shifted by a sample of the data so that it stays
         accurate on offset data, where Flax's one-pass E[x^2] - E[x]^2 is not (x =
         1e4 + N(0, 1) in float32: relative error 1e-7 against 23). False computes
-        the exact two-pass variance, at the cost of a second all-reduce with
-        `axis_name`.
+        the exact two-pass variance, at the cost of a second pass over the data (the
+        collective with `axis_name` stays one).
       force_float32_reductions: True (the default) keeps the running statistics in
         float32; False keeps them in `param_dtype`, as in flax.linen.BatchNorm. The
         statistics of each batch are computed in at least float32 either way:
@@ -116,6 +117,13 @@ class BatchNorm(nn.Module):
         variance n / (n - 1) * var_B, n the number of valid values per feature (per
         group with virtual batches), as PyTorch does; the normalization itself
         always uses the biased var_B. False by default, Flax's convention.
+      batch_stats_dtype: the dtype of the running statistics `mean` and `var`. None
+        (the default) keeps them in float32 (linen: in `param_dtype` with
+        `force_float32_reductions=False`), whatever the input. `jnp.float64`, with
+        `jax_enable_x64`, keeps them in float64: inference on float64 inputs is then
+        as accurate as the float64 computation (on offset data float32 statistics
+        cost about 1e-4 relative). The pure functions keep the dtype of the
+        `batch_stats` they are given (`init_batch_stats(n, jnp.float64)`).
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxrenorm
@@ -143,6 +151,7 @@ class BatchNorm(nn.Module):
     force_float32_reductions: bool = True
     virtual_batch_size: int | None = None
     bessel_correction: bool = False
+    batch_stats_dtype: Any = None
 
     @nn.compact
     def __call__(
@@ -204,6 +213,9 @@ class BatchNorm(nn.Module):
             )
         # Flax keeps the running statistics in float32 unless told otherwise.
         dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        if self.batch_stats_dtype is not None:
+            check_floating_dtype(self.batch_stats_dtype, "batch_stats_dtype")
+            dtype = self.batch_stats_dtype
         mean = self.variable("batch_stats", "mean", jnp.zeros, layout.feature_shape, dtype)
         var = self.variable("batch_stats", "var", jnp.ones, layout.feature_shape, dtype)
         return mean, var
@@ -285,13 +297,13 @@ class BatchRenorm(BatchNorm):
         flax.linen.BatchNorm.
       axis_name: the named axis, or tuple of axis names, of a `pmap`, `shard_map` or
         `vmap` whose devices share the statistics of the global batch, computed with
-        one all-reduce per layer (and at most one more in the backward pass); as in
-        flax.linen.BatchNorm. Not needed under `jit` with a sharded batch, where XLA
-        inserts the collectives. The one-pass variance then needs a reference point
-        common to all devices, the running mean: relative error 9e-5 when the
-        running mean is 30 batch standard deviations from the batch mean, 2e-3 at
-        100 (float32). Far from it (offset data at the first steps) use
-        `use_fast_variance=False`.
+        one collective per layer, a gather of a few values per feature and device
+        (and one more in the backward pass); as in flax.linen.BatchNorm. Not needed
+        under `jit` with a sharded batch, where XLA inserts the collectives. Each
+        device's moments are about a sample of its own data and are merged exactly,
+        so the result is as accurate as on one device whatever the running
+        statistics of the devices hold (they may differ, as in a `vmap`ped
+        ensemble).
       axis_index_groups: groups of device indices along `axis_name`, each normalized
         with its own statistics (e.g. `[[0, 1], [2, 3]]`); as in
         flax.linen.BatchNorm.
@@ -299,8 +311,8 @@ class BatchRenorm(BatchNorm):
         variance in one pass, shifted by a sample of the data so that it stays
         accurate on offset data, where Flax's one-pass E[x^2] - E[x]^2 is not (x =
         1e4 + N(0, 1) in float32: relative error 1e-7 against 23). False computes
-        the exact two-pass variance, at the cost of a second all-reduce with
-        `axis_name`.
+        the exact two-pass variance, at the cost of a second pass over the data (the
+        collective with `axis_name` stays one).
       force_float32_reductions: True (the default) keeps the running statistics in
         float32; False keeps them in `param_dtype`, as in flax.linen.BatchNorm. The
         statistics of each batch are computed in at least float32 either way:
@@ -315,6 +327,13 @@ class BatchRenorm(BatchNorm):
         variance n / (n - 1) * var_B, n the number of valid values per feature (per
         group with virtual batches), as PyTorch does; the normalization itself
         always uses the biased var_B. False by default, Flax's convention.
+      batch_stats_dtype: the dtype of the running statistics `mean` and `var`. None
+        (the default) keeps them in float32 (linen: in `param_dtype` with
+        `force_float32_reductions=False`), whatever the input. `jnp.float64`, with
+        `jax_enable_x64`, keeps them in float64: inference on float64 inputs is then
+        as accurate as the float64 computation (on offset data float32 statistics
+        cost about 1e-4 relative). The pure functions keep the dtype of the
+        `batch_stats` they are given (`init_batch_stats(n, jnp.float64)`).
       r_max: the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): a float or a
         schedule `step -> value` (any optax schedule) evaluated at the layer's
         `steps` counter, the number of training calls so far. Default: the paper's
@@ -433,13 +452,13 @@ class InstanceRenorm(BatchRenorm):
         flax.linen.BatchNorm.
       axis_name: the named axis, or tuple of axis names, of a `pmap`, `shard_map` or
         `vmap` whose devices share the statistics of the global batch, computed with
-        one all-reduce per layer (and at most one more in the backward pass); as in
-        flax.linen.BatchNorm. Not needed under `jit` with a sharded batch, where XLA
-        inserts the collectives. The one-pass variance then needs a reference point
-        common to all devices, the running mean: relative error 9e-5 when the
-        running mean is 30 batch standard deviations from the batch mean, 2e-3 at
-        100 (float32). Far from it (offset data at the first steps) use
-        `use_fast_variance=False`.
+        one collective per layer, a gather of a few values per feature and device
+        (and one more in the backward pass); as in flax.linen.BatchNorm. Not needed
+        under `jit` with a sharded batch, where XLA inserts the collectives. Each
+        device's moments are about a sample of its own data and are merged exactly,
+        so the result is as accurate as on one device whatever the running
+        statistics of the devices hold (they may differ, as in a `vmap`ped
+        ensemble).
       axis_index_groups: groups of device indices along `axis_name`, each normalized
         with its own statistics (e.g. `[[0, 1], [2, 3]]`); as in
         flax.linen.BatchNorm.
@@ -447,8 +466,8 @@ class InstanceRenorm(BatchRenorm):
         variance in one pass, shifted by a sample of the data so that it stays
         accurate on offset data, where Flax's one-pass E[x^2] - E[x]^2 is not (x =
         1e4 + N(0, 1) in float32: relative error 1e-7 against 23). False computes
-        the exact two-pass variance, at the cost of a second all-reduce with
-        `axis_name`.
+        the exact two-pass variance, at the cost of a second pass over the data (the
+        collective with `axis_name` stays one).
       force_float32_reductions: True (the default) keeps the running statistics in
         float32; False keeps them in `param_dtype`, as in flax.linen.BatchNorm. The
         statistics of each batch are computed in at least float32 either way:
@@ -463,6 +482,13 @@ class InstanceRenorm(BatchRenorm):
         variance n / (n - 1) * var_B, n the number of valid values per feature (per
         group with virtual batches), as PyTorch does; the normalization itself
         always uses the biased var_B. False by default, Flax's convention.
+      batch_stats_dtype: the dtype of the running statistics `mean` and `var`. None
+        (the default) keeps them in float32 (linen: in `param_dtype` with
+        `force_float32_reductions=False`), whatever the input. `jnp.float64`, with
+        `jax_enable_x64`, keeps them in float64: inference on float64 inputs is then
+        as accurate as the float64 computation (on offset data float32 statistics
+        cost about 1e-4 relative). The pure functions keep the dtype of the
+        `batch_stats` they are given (`init_batch_stats(n, jnp.float64)`).
       r_max: the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): a float or a
         schedule `step -> value` (any optax schedule) evaluated at the layer's
         `steps` counter, the number of training calls so far. Default: the paper's

@@ -25,6 +25,7 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes
 
 from jaxrenorm import schedules
+from jaxrenorm._checks import check_floating_dtype
 from jaxrenorm._conversion import convert_layers
 from jaxrenorm._docs import documents
 from jaxrenorm._layers import (
@@ -85,21 +86,21 @@ class BatchNorm(nnx.Module):
         flax.nnx.BatchNorm.
       axis_name: the named axis, or tuple of axis names, of a `pmap`, `shard_map` or
         `vmap` whose devices share the statistics of the global batch, computed with
-        one all-reduce per layer (and at most one more in the backward pass); as in
-        flax.nnx.BatchNorm. Not needed under `jit` with a sharded batch, where XLA
-        inserts the collectives. The one-pass variance then needs a reference point
-        common to all devices, the running mean: relative error 9e-5 when the
-        running mean is 30 batch standard deviations from the batch mean, 2e-3 at
-        100 (float32). Far from it (offset data at the first steps) use
-        `use_fast_variance=False`.
+        one collective per layer, a gather of a few values per feature and device
+        (and one more in the backward pass); as in flax.nnx.BatchNorm. Not needed
+        under `jit` with a sharded batch, where XLA inserts the collectives. Each
+        device's moments are about a sample of its own data and are merged exactly,
+        so the result is as accurate as on one device whatever the running
+        statistics of the devices hold (they may differ, as in a `vmap`ped
+        ensemble).
       axis_index_groups: groups of device indices along `axis_name`, each normalized
         with its own statistics (e.g. `[[0, 1], [2, 3]]`); as in flax.nnx.BatchNorm.
       use_fast_variance: True (the default, as in flax.nnx.BatchNorm) computes the
         variance in one pass, shifted by a sample of the data so that it stays
         accurate on offset data, where Flax's one-pass E[x^2] - E[x]^2 is not (x =
         1e4 + N(0, 1) in float32: relative error 1e-7 against 23). False computes
-        the exact two-pass variance, at the cost of a second all-reduce with
-        `axis_name`.
+        the exact two-pass variance, at the cost of a second pass over the data (the
+        collective with `axis_name` stays one).
       promote_dtype: called as `promote_dtype((x, mean, var, scale, bias),
         dtype=dtype)`, it returns them promoted to one dtype: the layer normalizes
         the promoted input with the promoted scale and bias and outputs their dtype;
@@ -120,6 +121,13 @@ class BatchNorm(nnx.Module):
         variance n / (n - 1) * var_B, n the number of valid values per feature (per
         group with virtual batches), as PyTorch does; the normalization itself
         always uses the biased var_B. False by default, Flax's convention.
+      batch_stats_dtype: the dtype of the running statistics `mean` and `var`. None
+        (the default) keeps them in float32 (linen: in `param_dtype` with
+        `force_float32_reductions=False`), whatever the input. `jnp.float64`, with
+        `jax_enable_x64`, keeps them in float64: inference on float64 inputs is then
+        as accurate as the float64 computation (on offset data float32 statistics
+        cost about 1e-4 relative). The pure functions keep the dtype of the
+        `batch_stats` they are given (`init_batch_stats(n, jnp.float64)`).
 
     Examples:
       >>> import jax, jaxrenorm
@@ -156,10 +164,13 @@ class BatchNorm(nnx.Module):
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
         virtual_batch_size: int | None = None,
         bessel_correction: bool = False,
+        batch_stats_dtype: Any = None,
     ):
         shape = (num_features,)
-        self.mean = nnx.BatchStat(jnp.zeros(shape, jnp.float32))
-        self.var = nnx.BatchStat(jnp.ones(shape, jnp.float32))
+        stats_dtype = jnp.float32 if batch_stats_dtype is None else batch_stats_dtype
+        check_floating_dtype(stats_dtype, "batch_stats_dtype")
+        self.mean = nnx.BatchStat(jnp.zeros(shape, stats_dtype))
+        self.var = nnx.BatchStat(jnp.ones(shape, stats_dtype))
         self.scale = nnx.data(None)
         if use_scale:
             self.scale = nnx.Param(scale_init(rngs.params(), shape, param_dtype), **scale_metadata)
@@ -181,6 +192,7 @@ class BatchNorm(nnx.Module):
         self.promote_dtype = promote_dtype
         self.virtual_batch_size = virtual_batch_size
         self.bessel_correction = bessel_correction
+        self.batch_stats_dtype = batch_stats_dtype
 
     def __call__(
         self,
@@ -293,21 +305,21 @@ class BatchRenorm(BatchNorm):
         flax.nnx.BatchNorm.
       axis_name: the named axis, or tuple of axis names, of a `pmap`, `shard_map` or
         `vmap` whose devices share the statistics of the global batch, computed with
-        one all-reduce per layer (and at most one more in the backward pass); as in
-        flax.nnx.BatchNorm. Not needed under `jit` with a sharded batch, where XLA
-        inserts the collectives. The one-pass variance then needs a reference point
-        common to all devices, the running mean: relative error 9e-5 when the
-        running mean is 30 batch standard deviations from the batch mean, 2e-3 at
-        100 (float32). Far from it (offset data at the first steps) use
-        `use_fast_variance=False`.
+        one collective per layer, a gather of a few values per feature and device
+        (and one more in the backward pass); as in flax.nnx.BatchNorm. Not needed
+        under `jit` with a sharded batch, where XLA inserts the collectives. Each
+        device's moments are about a sample of its own data and are merged exactly,
+        so the result is as accurate as on one device whatever the running
+        statistics of the devices hold (they may differ, as in a `vmap`ped
+        ensemble).
       axis_index_groups: groups of device indices along `axis_name`, each normalized
         with its own statistics (e.g. `[[0, 1], [2, 3]]`); as in flax.nnx.BatchNorm.
       use_fast_variance: True (the default, as in flax.nnx.BatchNorm) computes the
         variance in one pass, shifted by a sample of the data so that it stays
         accurate on offset data, where Flax's one-pass E[x^2] - E[x]^2 is not (x =
         1e4 + N(0, 1) in float32: relative error 1e-7 against 23). False computes
-        the exact two-pass variance, at the cost of a second all-reduce with
-        `axis_name`.
+        the exact two-pass variance, at the cost of a second pass over the data (the
+        collective with `axis_name` stays one).
       promote_dtype: called as `promote_dtype((x, mean, var, scale, bias),
         dtype=dtype)`, it returns them promoted to one dtype: the layer normalizes
         the promoted input with the promoted scale and bias and outputs their dtype;
@@ -328,6 +340,13 @@ class BatchRenorm(BatchNorm):
         variance n / (n - 1) * var_B, n the number of valid values per feature (per
         group with virtual batches), as PyTorch does; the normalization itself
         always uses the biased var_B. False by default, Flax's convention.
+      batch_stats_dtype: the dtype of the running statistics `mean` and `var`. None
+        (the default) keeps them in float32 (linen: in `param_dtype` with
+        `force_float32_reductions=False`), whatever the input. `jnp.float64`, with
+        `jax_enable_x64`, keeps them in float64: inference on float64 inputs is then
+        as accurate as the float64 computation (on offset data float32 statistics
+        cost about 1e-4 relative). The pure functions keep the dtype of the
+        `batch_stats` they are given (`init_batch_stats(n, jnp.float64)`).
       r_max: the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): a float or a
         schedule `step -> value` (any optax schedule) evaluated at the layer's
         `steps` counter, the number of training calls so far. Default: the paper's
@@ -447,21 +466,21 @@ class InstanceRenorm(BatchRenorm):
         flax.nnx.BatchNorm.
       axis_name: the named axis, or tuple of axis names, of a `pmap`, `shard_map` or
         `vmap` whose devices share the statistics of the global batch, computed with
-        one all-reduce per layer (and at most one more in the backward pass); as in
-        flax.nnx.BatchNorm. Not needed under `jit` with a sharded batch, where XLA
-        inserts the collectives. The one-pass variance then needs a reference point
-        common to all devices, the running mean: relative error 9e-5 when the
-        running mean is 30 batch standard deviations from the batch mean, 2e-3 at
-        100 (float32). Far from it (offset data at the first steps) use
-        `use_fast_variance=False`.
+        one collective per layer, a gather of a few values per feature and device
+        (and one more in the backward pass); as in flax.nnx.BatchNorm. Not needed
+        under `jit` with a sharded batch, where XLA inserts the collectives. Each
+        device's moments are about a sample of its own data and are merged exactly,
+        so the result is as accurate as on one device whatever the running
+        statistics of the devices hold (they may differ, as in a `vmap`ped
+        ensemble).
       axis_index_groups: groups of device indices along `axis_name`, each normalized
         with its own statistics (e.g. `[[0, 1], [2, 3]]`); as in flax.nnx.BatchNorm.
       use_fast_variance: True (the default, as in flax.nnx.BatchNorm) computes the
         variance in one pass, shifted by a sample of the data so that it stays
         accurate on offset data, where Flax's one-pass E[x^2] - E[x]^2 is not (x =
         1e4 + N(0, 1) in float32: relative error 1e-7 against 23). False computes
-        the exact two-pass variance, at the cost of a second all-reduce with
-        `axis_name`.
+        the exact two-pass variance, at the cost of a second pass over the data (the
+        collective with `axis_name` stays one).
       promote_dtype: called as `promote_dtype((x, mean, var, scale, bias),
         dtype=dtype)`, it returns them promoted to one dtype: the layer normalizes
         the promoted input with the promoted scale and bias and outputs their dtype;
@@ -482,6 +501,13 @@ class InstanceRenorm(BatchRenorm):
         variance n / (n - 1) * var_B, n the number of valid values per feature (per
         group with virtual batches), as PyTorch does; the normalization itself
         always uses the biased var_B. False by default, Flax's convention.
+      batch_stats_dtype: the dtype of the running statistics `mean` and `var`. None
+        (the default) keeps them in float32 (linen: in `param_dtype` with
+        `force_float32_reductions=False`), whatever the input. `jnp.float64`, with
+        `jax_enable_x64`, keeps them in float64: inference on float64 inputs is then
+        as accurate as the float64 computation (on offset data float32 statistics
+        cost about 1e-4 relative). The pure functions keep the dtype of the
+        `batch_stats` they are given (`init_batch_stats(n, jnp.float64)`).
       r_max: the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): a float or a
         schedule `step -> value` (any optax schedule) evaluated at the layer's
         `steps` counter, the number of training calls so far. Default: the paper's

@@ -249,7 +249,9 @@ def instance_renorm(
     IN(x) normalizes each example over its spatial axes, i.e. BatchNorm on a
     "batch" of one example, which is `normalize` with virtual batches of 1. Both
     branches are linear in their upstream gradient, so dx is the sum of the two
-    branches' dx with upstream g * scale * rho and g * scale * (1 - rho).
+    branches' dx with upstream g * scale * rho and g * scale * (1 - rho). An
+    example with no valid element (`mask`) has no moments of its own: its output
+    is the batch branch's, gamma * BRN(x) + beta, as if rho were 1 there.
     Returns a `Result` with an extra attribute `drho`.
     """
     x, g = np.asarray(x, np.float64), np.asarray(g, np.float64)
@@ -257,6 +259,10 @@ def instance_renorm(
     fshape = np.shape(mean)
     gamma, beta = keep(scale, x.shape, fa), keep(bias, x.shape, fa)
     gate = keep(np.clip(rho, 0.0, 1.0), x.shape, fa)
+    # An example with no valid element has no moments of its own: the batch branch alone.
+    valid = np.ones(x.shape, bool) if mask is None else np.broadcast_to(mask, x.shape)
+    empty = ~valid.any(axis=tuple(a for a in ra if a != 0), keepdims=True)
+    gate = np.where(empty, 1.0, gate)
     ones, zeros = np.ones(fshape), np.zeros(fshape)
     batch = normalize(
         x,
@@ -290,6 +296,7 @@ def instance_renorm(
         virtual_batch_size=1,
     )
     mixed = gate * batch.y + (1 - gate) * inst.y
+    mixed = np.where(empty, batch.y, mixed)
     result = Result(
         y=gamma * mixed + beta,
         new_mean=batch.new_mean,
@@ -300,5 +307,5 @@ def instance_renorm(
         r=batch.r,
         d=batch.d,
     )
-    result.drho = (g * gamma * (batch.y - inst.y)).sum(axis=ra).reshape(fshape)
+    result.drho = np.where(empty, 0.0, g * gamma * (batch.y - inst.y)).sum(axis=ra).reshape(fshape)
     return result

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax import export
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -223,6 +224,18 @@ def _virtual_groups_over_shards():
     f(x)  # 6 / 2 = 3 groups over 2 shards; raises while tracing, nothing compiles
 
 
+def _virtual_groups_of_a_symbolic_batch():
+    spec = jax.ShapeDtypeStruct(export.symbolic_shape("b, 4"), jnp.float32)
+    f = jax.jit(lambda x: _call(jaxrenorm.batch_norm, x=x, virtual_batch_size=2))
+    export.export(f)(spec)  # "b" may be odd: the batch must be written "2*k"
+
+
+def _axis_name_layer_linen(name):
+    layer = jaxrenorm.linen.BatchNorm(use_running_average=False, axis_name=name)
+    variables = layer.init(_KEY, X)  # initializing needs no bound axis, as in Flax
+    return layer.apply(variables, X, mutable=["batch_stats"])  # outside pmap/vmap
+
+
 def _torch_sd(n_weight=4, n_stats=4, **extra):
     sd = {
         "weight": np.ones(n_weight),
@@ -318,6 +331,12 @@ TRIGGERS = {
         lambda: jaxrenorm.nnx.BatchNorm(4, rngs=nnx.Rngs(0))(jnp.ones((1, 4))),
     ],
     "virtual-batch-shards": [_virtual_groups_over_shards],
+    "virtual-batch-symbolic": [_virtual_groups_of_a_symbolic_batch],
+    "axis-unbound": [
+        _bn(axis_name="batch"),
+        lambda: _axis_name_layer_linen("batch"),
+        lambda: jaxrenorm.nnx.BatchRenorm(4, axis_name=("batch",), rngs=nnx.Rngs(0))(X),
+    ],
     "feature-shape-invalid": [lambda: jaxrenorm.init_batch_stats((3, None))],
     "torch-momentum-none": [lambda: interop.momentum_from_torch(None)],
     "state-dict-no-running-stats": [
@@ -393,7 +412,8 @@ def test_error_table_ids_match_triggers():
     )
     for row_id, (exception, fragment) in ROWS.items():
         assert re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", row_id), row_id
-        assert exception in ("ValueError", "TypeError"), (row_id, exception)
+        # NameError: an unbound axis name, as JAX's own error for it.
+        assert exception in ("ValueError", "TypeError", "NameError"), (row_id, exception)
         assert fragment.strip(), row_id
 
 
@@ -413,8 +433,9 @@ def test_every_raise_in_the_library_has_a_row():
     statements = _raise_statements()
     assert len(statements) >= 30  # the scan works (33 when the table was last changed)
     for file, line, _, text in statements:
-        # The documented contract: ValueError or TypeError, constructed with a message.
-        assert re.match(r"raise (ValueError|TypeError)\(", text), f"{file}:{line}: {text}"
+        # The documented contract: ValueError or TypeError (NameError for an unbound
+        # axis, as JAX's), constructed with a message.
+        assert re.match(r"raise (ValueError|TypeError|NameError)\(", text), f"{file}:{line}: {text}"
     reached = {_raised(row_id, i)[2] for row_id, i in CASES}
     missing = [
         f"{file}:{first}: {text.splitlines()[0]}"

@@ -35,6 +35,10 @@ def _data(shape, axis, seed=0, offset=0.0):
     return x, params, stats, g
 
 
+def _f32(tree):
+    return jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), tree)
+
+
 def _run(x, params, stats, g, **kw):
     return run(jaxrenorm.instance_renorm, x, params, stats, g, **kw)
 
@@ -149,6 +153,42 @@ def test_mask_with_non_finite_masked_values():
         np.testing.assert_allclose(dparams[name], want, rtol=1e-4, atol=1e-4, err_msg=name)
     for leaf in jax.tree.leaves(got):
         assert np.all(np.isfinite(leaf))
+
+
+def test_an_example_without_valid_elements_takes_the_batch_branch():
+    """Example 1 fully masked: its outputs are the batch branch's (the reference's
+    definition), at the scale of the valid outputs in float32, bfloat16 and float16
+    (not (x - k) / sqrt(epsilon), ~1,500 here), and a masked loss has finite
+    gradients; the valid examples are unaffected."""
+    x, params, stats, g = _data((4, 3, 3, 2), -1, seed=11)
+    x = x * 3 + 40.0  # float16 overflows (x - k) / sqrt(epsilon) at this offset
+    stats = {"mean": stats["mean"] + 40.0, "var": stats["var"] * 9}
+    mask = np.ones((4, 1, 1, 1), bool)
+    mask[1] = False
+    g = g * mask
+    kw = dict(r_max=1.5, d_max=0.5, mask=mask)
+    for train in (True, False):
+        ref = _reference(x, params, stats, g, train=train, **kw)
+        y, *_ = _run(x, params, stats, g, use_running_average=not train, **kw)
+        np.testing.assert_allclose(y, ref.y, rtol=2e-5, atol=2e-5, err_msg=f"train={train}")
+    ref = _reference(x, params, stats, g, **kw)
+    _, _, dx, dparams = _run(x, params, stats, g, use_running_average=False, **kw)
+    np.testing.assert_allclose(dx, ref.dx, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(dparams["rho"], ref.drho, rtol=1e-4, atol=1e-4)
+
+    valid_scale = np.max(np.abs(ref.y[mask[:, 0, 0, 0]]))
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+
+        def loss(x, p, dtype=dtype):
+            y, _ = jaxrenorm.instance_renorm(x, p, _f32(stats), use_running_average=False, **kw)
+            return jnp.sum(jnp.where(mask, y, 0).astype(jnp.float32) * g), y
+
+        xd = jnp.asarray(x, dtype)
+        (_, y), grads = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(xd, _f32(params))
+        assert y.dtype == dtype
+        assert np.max(np.abs(np.asarray(y[1], np.float32))) <= 2 * valid_scale, dtype
+        for leaf in jax.tree.leaves(grads):
+            assert np.all(np.isfinite(np.asarray(leaf, np.float32))), dtype
 
 
 def test_offset_examples_with_small_instance_spread_are_accurate():

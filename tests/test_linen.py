@@ -289,6 +289,50 @@ def test_every_setting_of_the_pure_function_is_a_layer_setting_in_both_families(
     assert all(linen[n] == nnx_args[n] for n in shared - {"use_running_average"}), shared
 
 
+def test_float64_statistics_are_one_argument_in_every_family():
+    """With x64 enabled, float64 running statistics (`batch_stats_dtype`, or the
+    dtype given to `init_batch_stats`) make inference on offset float64 data as
+    accurate as float64 allows; the default keeps them float32 (about 1e-4 here)."""
+    from flax import nnx
+
+    rng = np.random.default_rng(3)
+    x_np = 1e4 + rng.normal(size=(64, 3)) * rng.uniform(0.5, 2.0, 3)
+    mean, var = x_np.mean(0), x_np.var(0)
+    want = (x_np - mean) / np.sqrt(var + 1e-5)  # momentum 0: running = batch statistics
+
+    def error(y):
+        return np.max(np.abs(np.asarray(y, np.float64) - want))
+
+    with jax.enable_x64(True):
+        x = jnp.asarray(x_np)  # float64
+        stats = jaxrenorm.init_batch_stats(3, jnp.float64)
+        _, stats = jaxrenorm.batch_norm(x, None, stats, use_running_average=False, momentum=0.0)
+        y_pure, _ = jaxrenorm.batch_norm(x, None, stats, use_running_average=True)
+
+        def linen(dtype):
+            bn = jaxrenorm.linen.BatchNorm(momentum=0.0, batch_stats_dtype=dtype)
+            v = bn.init(jax.random.key(0), x, use_running_average=True)
+            _, upd = bn.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+            return bn.apply({**v, **upd}, x, use_running_average=True), upd["batch_stats"]
+
+        def nnx_layer(dtype):
+            layer = jaxrenorm.nnx.BatchNorm(
+                3, momentum=0.0, batch_stats_dtype=dtype, rngs=nnx.Rngs(0)
+            )
+            layer(x)
+            return layer(x, use_running_average=True), {"mean": layer.mean[...]}
+
+        results = {"pure": (y_pure, stats)}
+        for name, family in (("linen", linen), ("nnx", nnx_layer)):
+            results[name] = family(jnp.float64)
+            y32, stats32 = family(None)
+            assert stats32["mean"].dtype == jnp.float32, name  # the default, by design
+            assert error(y32) > 1e-6, name
+        for name, (y, s) in results.items():
+            assert s["mean"].dtype == jnp.float64 and y.dtype == jnp.float64, name
+            assert error(y) <= 1e-9, (name, error(y))
+
+
 def test_modules_train_in_a_model():
     """A small MLP with each module trains (loss falls) under jit with optax."""
 
