@@ -13,7 +13,7 @@ tools of `jaxrenorm.tools` (`recalibrate`, `pool_moments`, `fold_batch_norm`,
 `batch_dependence`, `collect_diagnostics`, `sync_batch_stats`) are exported here too.
 """
 
-from jaxrenorm import interop, linen, nnx, schedules
+from jaxrenorm import interop, linen, nnx, schedules, tools
 from jaxrenorm._norm import batch_norm, batch_renorm, init_batch_stats, instance_renorm
 from jaxrenorm._stats import moments
 from jaxrenorm.tools import (
@@ -25,7 +25,7 @@ from jaxrenorm.tools import (
     sync_batch_stats,
 )
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one version number; pyproject.toml reads it
 
 __all__ = [
     "batch_dependence",
@@ -43,4 +43,5 @@ __all__ = [
     "recalibrate",
     "schedules",
     "sync_batch_stats",
+    "tools",
 ]
