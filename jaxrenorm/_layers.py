@@ -15,10 +15,10 @@ shared. `Layer` states the part the glue calls. A family provides:
   of the same name to the layers is all the layers need.
 - Variables: params `scale` and `bias` (unless `use_scale` / `use_bias` is
   False) and InstanceRenorm's gate `rho`, of the feature shape; batch_stats
-  `mean` and `var` of the feature shape, float32 (linen: `param_dtype` with
-  `force_float32_reductions=False`), and, when a bound is a schedule
-  (`is_scheduled`), the int32 scalar `steps`, the number of training calls so
-  far. The counter is created with the running statistics: by NNX's
+  `mean` and `var` of the feature shape, in `running_stats_dtype` (float32 by
+  default; linen: `param_dtype` with `force_float32_reductions=False`), and,
+  when a bound is a schedule (`is_scheduled`), the int32 scalar `steps`, the
+  number of training calls so far. The counter is created with the running statistics: by NNX's
   constructor, by the linen call that creates them (a checkpoint without it, as
   `flax.linen.BatchNorm` writes, counts from 0: the counter is created when
   batch_stats is mutable and read as 0 otherwise).
@@ -48,7 +48,7 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from jaxrenorm._checks import Layout, check_layout, check_step_count
+from jaxrenorm._checks import Layout, check_floating_dtype, check_layout, check_step_count
 from jaxrenorm._norm import Options, RenormTerms, _normalize
 from jaxrenorm._recalibration import Moments, input_moments, is_recording_inputs
 from jaxrenorm._xla import traced_once
@@ -118,6 +118,14 @@ def step_count(steps: Any) -> jax.Array:
 def is_scheduled(r_max: Bound, d_max: Bound) -> bool:
     """Whether a bound is a schedule, so the layer needs its `steps` counter."""
     return callable(r_max) or callable(d_max)
+
+
+def running_stats_dtype(batch_stats_dtype: Any, default: Any = jnp.float32) -> Any:
+    """The dtype of a layer's `mean` and `var`: its `batch_stats_dtype`, if set, else
+    the family's default (checked: a floating-point dtype)."""
+    dtype = default if batch_stats_dtype is None else batch_stats_dtype
+    check_floating_dtype(dtype, "batch_stats_dtype")
+    return dtype
 
 
 def layer_input(layer: Layer, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, Layout]:

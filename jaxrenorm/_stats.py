@@ -315,15 +315,9 @@ def _gather_devices(
             position[list(group)] = np.arange(len(group))
         index = jnp.asarray(position)[index]
     slots = max(device_group_sizes(axis_name, axis_index_groups))
-    dtype = jnp.result_type(*rows)
-    stacked = jnp.stack([r.astype(dtype) for r in rows])
-    mine = (jnp.arange(slots) == index).reshape((slots,) + (1,) * stacked.ndim)
-    gathered = lax.psum(
-        jnp.where(mine, stacked, jnp.zeros_like(stacked)),
-        axis_name,
-        axis_index_groups=axis_index_groups,
-    )
-    return [_like(gathered[:, i], r) for i, r in enumerate(rows)]
+    mine = (jnp.arange(slots) == index).reshape((slots,) + (1,) * rows[0].ndim)
+    one_hot = [jnp.where(mine, r, jnp.zeros_like(r)) for r in rows]
+    return _sum_devices(one_hot, axis_name, axis_index_groups)
 
 
 def _like(v: jax.Array, r: jax.Array) -> jax.Array:

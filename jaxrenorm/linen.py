@@ -21,7 +21,7 @@ from flax.linen import initializers
 from flax.linen.module import merge_param
 
 from jaxrenorm import schedules
-from jaxrenorm._checks import Axes, Layout, check_floating_dtype, check_statistics_present
+from jaxrenorm._checks import Axes, Layout, check_statistics_present
 from jaxrenorm._conversion import automatic_norm_names, convert_tree
 from jaxrenorm._docs import documents
 from jaxrenorm._layers import (
@@ -31,6 +31,7 @@ from jaxrenorm._layers import (
     layer_input,
     normalize_layer,
     renorm_diagnostics,
+    running_stats_dtype,
     step_count,
 )
 from jaxrenorm._norm import RenormTerms
@@ -212,10 +213,8 @@ class BatchNorm(nn.Module):
                 f"{type(self).__name__} {layer}", missing, layout.shape, others
             )
         # Flax keeps the running statistics in float32 unless told otherwise.
-        dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
-        if self.batch_stats_dtype is not None:
-            check_floating_dtype(self.batch_stats_dtype, "batch_stats_dtype")
-            dtype = self.batch_stats_dtype
+        default = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        dtype = running_stats_dtype(self.batch_stats_dtype, default)
         mean = self.variable("batch_stats", "mean", jnp.zeros, layout.feature_shape, dtype)
         var = self.variable("batch_stats", "var", jnp.ones, layout.feature_shape, dtype)
         return mean, var

@@ -25,7 +25,6 @@ from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes
 
 from jaxrenorm import schedules
-from jaxrenorm._checks import check_floating_dtype
 from jaxrenorm._conversion import convert_layers
 from jaxrenorm._docs import documents
 from jaxrenorm._layers import (
@@ -36,6 +35,7 @@ from jaxrenorm._layers import (
     layer_input,
     normalize_layer,
     renorm_diagnostics,
+    running_stats_dtype,
     step_count,
 )
 from jaxrenorm._norm import RenormTerms
@@ -167,8 +167,7 @@ class BatchNorm(nnx.Module):
         batch_stats_dtype: Any = None,
     ):
         shape = (num_features,)
-        stats_dtype = jnp.float32 if batch_stats_dtype is None else batch_stats_dtype
-        check_floating_dtype(stats_dtype, "batch_stats_dtype")
+        stats_dtype = running_stats_dtype(batch_stats_dtype)
         self.mean = nnx.BatchStat(jnp.zeros(shape, stats_dtype))
         self.var = nnx.BatchStat(jnp.ones(shape, stats_dtype))
         self.scale = nnx.data(None)

@@ -425,7 +425,7 @@ def _gathered_rows(compiled_text: str) -> list[tuple[int, int]]:
     for line in compiled_text.splitlines():
         if " all-reduce(" in line or " all-reduce-start(" in line:
             dims = line.split(" = f32[", 1)[1].split("]", 1)[0].split(",")
-            rows.append((int(dims[0]), int(dims[1])))
+            rows.append((int(dims[1]), int(dims[0])))  # (rows, devices, ...)
     return rows
 
 
