@@ -26,6 +26,7 @@ import optax
 from quickstart import load_data
 
 import jaxrenorm
+from jaxrenorm.typing import ArrayLike
 
 HIDDEN = 128  # features of each hidden layer
 
@@ -50,7 +51,7 @@ def init_params(seed: int) -> dict:
     }
 
 
-def forward(params, batch_stats, x, *, train: bool, r_max=3.0, d_max=5.0):
+def forward(params, batch_stats, x, *, train: bool, r_max: ArrayLike = 3.0, d_max: ArrayLike = 5.0):
     """Logits and the new running statistics (the same ones when `train` is False)."""
     h = x.reshape(x.shape[0], -1)
     new_stats = {}

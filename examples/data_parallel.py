@@ -132,6 +132,7 @@ def _loop(run_step, state, x_train, y_train, args, total_steps):
         seen += args.batch_size
         bar.set_postfix(loss=f"{float(np.asarray(loss).ravel()[0]):.3f}", refresh=False)
     jax.block_until_ready(state)
+    assert start is not None, "the timing needs two steps or more"
     elapsed = time.perf_counter() - start
     print(f"[{args.current_mode}] throughput: {seen / elapsed:,.0f} examples/s")
     return state

@@ -28,6 +28,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 import jaxrenorm
+from jaxrenorm.typing import ArrayLike
 
 
 class CNN(nn.Module):
@@ -70,7 +71,7 @@ class TrainState(train_state.TrainState):
     batch_stats: Any
 
 
-def create_train_state(model: nn.Module, x: jax.Array, tx, seed: int = 0) -> TrainState:
+def create_train_state(model: nn.Module, x: ArrayLike, tx, seed: int = 0) -> TrainState:
     """Initializes `model` on a batch like `x`; the optimizer state comes from `tx`."""
     variables = model.init(jax.random.key(seed), x, train=False)
     return TrainState.create(

@@ -73,7 +73,7 @@ def methods(total_steps: int) -> dict[str, Callable[[int], Callable[..., nn.Modu
     """Each method maps a virtual batch size to a factory `norm(train, spatial) -> module`."""
     r_max, d_max = jaxrenorm.schedules.scaled_paper_schedules(total_steps)
 
-    def renorm(v, grad_through=True, instance=False):
+    def renorm(v, grad_through: bool | str = True, instance=False):
         def make(train, spatial):
             cls = (
                 jaxrenorm.linen.InstanceRenorm

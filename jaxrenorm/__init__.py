@@ -8,12 +8,13 @@ new running statistics, so they fit any training loop, under `jit`, `grad`,
     y, batch_stats = jaxrenorm.batch_renorm(x, params, batch_stats, use_running_average=False)
 
 The Flax modules are in `jaxrenorm.linen` and `jaxrenorm.nnx`, the r_max / d_max
-ramps in `jaxrenorm.schedules`, PyTorch conversion in `jaxrenorm.interop`. The
+ramps in `jaxrenorm.schedules`, PyTorch conversion in `jaxrenorm.interop`, the
+types of the signatures in `jaxrenorm.typing`. The
 tools of `jaxrenorm.tools` (`recalibrate`, `pool_moments`, `fold_batch_norm`,
 `batch_dependence`, `collect_diagnostics`, `sync_batch_stats`) are exported here too.
 """
 
-from jaxrenorm import interop, linen, nnx, schedules, tools
+from jaxrenorm import interop, linen, nnx, schedules, tools, typing
 from jaxrenorm._norm import batch_norm, batch_renorm, init_batch_stats, instance_renorm
 from jaxrenorm._stats import moments
 from jaxrenorm.tools import (
@@ -44,4 +45,5 @@ __all__ = [
     "schedules",
     "sync_batch_stats",
     "tools",
+    "typing",
 ]

@@ -14,8 +14,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
-Axes = int | Sequence[int]
+from jaxrenorm.typing import Axes
 
 
 class Layout(NamedTuple):
@@ -190,10 +191,11 @@ def check_batch_stats(
             "`batch_stats` must be a mapping with 'mean' and 'var' "
             f"(see `jaxrenorm.init_batch_stats`), got {got}."
         )
-    return tuple(
+    mean, var = (
         check_feature_array(batch_stats[key], f'batch_stats["{key}"]', feature_shape, context)
         for key in ("mean", "var")
     )
+    return mean, var
 
 
 def check_feature_shape(feature_shape: int | Sequence[int]) -> tuple[int, ...]:
@@ -218,7 +220,7 @@ def check_floating_dtype(dtype: Any, name: str = "dtype") -> None:
 
 def _concrete(value: Any) -> float | None:
     """The Python value of a concrete scalar, or None when it is traced."""
-    if isinstance(value, jax.core.Tracer):  # cheaper than the error float() raises
+    if isinstance(value, Tracer):  # cheaper than the error float() raises
         return None
     try:
         return float(value)

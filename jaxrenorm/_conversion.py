@@ -51,11 +51,10 @@ def automatic_norm_names(keys: list[str]) -> list[str]:
     With one class, by index; with several, in the order of the dict, which is the
     order of creation in the variables `init` returns and in Flax's checkpoints.
     """
-    names = [k for k in keys if isinstance(k, str) and _AUTOMATIC.match(k)]
-    classes = {_AUTOMATIC.match(k).group(1) for k in names}
-    if len(classes) == 1:
-        return sorted(names, key=lambda k: int(_AUTOMATIC.match(k).group(2)))
-    return names
+    matches = {k: m for k in keys if isinstance(k, str) and (m := _AUTOMATIC.match(k))}
+    if len({m.group(1) for m in matches.values()}) == 1:
+        return sorted(matches, key=lambda k: int(matches[k].group(2)))
+    return list(matches)
 
 
 def _where(*path: Any) -> str:

@@ -381,7 +381,7 @@ def write_sections() -> list[str]:
 
     rewritten = []
     for obj in documented_objects():
-        path = pathlib.Path(inspect.getsourcefile(obj))
+        path = pathlib.Path(inspect.getsourcefile(obj) or inspect.getfile(obj))
         source = path.read_text()
         want = documented_docstring(obj)
         if want == inspect.cleandoc(obj.__doc__ or ""):

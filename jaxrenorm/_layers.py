@@ -42,7 +42,7 @@ shared. `Layer` states the part the glue calls. A family provides:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import jax
@@ -52,8 +52,7 @@ from jaxrenorm._checks import Layout, check_floating_dtype, check_layout, check_
 from jaxrenorm._norm import Options, RenormTerms, _normalize
 from jaxrenorm._recalibration import Moments, input_moments, is_recording_inputs
 from jaxrenorm._xla import traced_once
-
-Bound = float | Callable[[jax.Array], jax.Array]
+from jaxrenorm.typing import ArrayLike, Bound
 
 
 class Layer(Protocol):
@@ -64,9 +63,11 @@ class Layer(Protocol):
 
     def _bounds(self) -> tuple[Any, Any]:
         """This call's renorm bounds (r_max, d_max); (None, None) is plain BatchNorm."""
+        ...
 
     def _gate(self, feature_shape: tuple[int, ...]) -> jax.Array | None:
         """The instance-normalization gate rho, or None."""
+        ...
 
     def _after_training_call(self, terms: RenormTerms | None) -> None:
         """Records what a training call leaves besides the running statistics."""
@@ -96,9 +97,15 @@ def renorm_diagnostics(terms: RenormTerms) -> dict[str, jax.Array]:
     return dict(zip(DIAGNOSTICS, values, strict=True))
 
 
-def bounds_at(r_max: Bound, d_max: Bound, step: jax.Array) -> tuple[Any, Any]:
-    """The renorm bounds at training step `step`: each a constant or a schedule's value."""
-    return tuple(traced_once(bound, step) if callable(bound) else bound for bound in (r_max, d_max))
+def bounds_at(r_max: Bound, d_max: Bound, step: jax.Array | None) -> tuple[Any, Any]:
+    """The renorm bounds at training step `step`: each a constant or a schedule's value.
+
+    `step` is None for a layer without a counter, whose bounds are both constants.
+    """
+    if step is None:
+        return r_max, d_max
+    r, d = (traced_once(bound, step) if callable(bound) else bound for bound in (r_max, d_max))
+    return r, d
 
 
 def step_count(steps: Any) -> jax.Array:
@@ -128,7 +135,7 @@ def running_stats_dtype(batch_stats_dtype: Any, default: Any = jnp.float32) -> A
     return dtype
 
 
-def layer_input(layer: Layer, x: jax.Array, mask: jax.Array | None) -> tuple[jax.Array, Layout]:
+def layer_input(layer: Layer, x: ArrayLike, mask: ArrayLike | None) -> tuple[jax.Array, Layout]:
     """The call's input checked against the layer's `axis`, and its layout (`check_layout`).
 
     While `recalibrate` traces the model, the input's moments go to the layer's
@@ -143,7 +150,7 @@ def layer_input(layer: Layer, x: jax.Array, mask: jax.Array | None) -> tuple[jax
 
 def normalize_layer(
     layer: Layer,
-    x: jax.Array,
+    x: ArrayLike,
     layout: Layout,
     params: Mapping[str, jax.Array],
     batch_stats: Mapping[str, jax.Array],
@@ -157,12 +164,14 @@ def normalize_layer(
     over the fields. As in Flax, the output dtype is the layer's `dtype` or,
     without one, the promotion of the input's and the params' dtypes.
     """
-    dtype = layer.dtype
+    dtype: Any = layer.dtype
     if dtype is None:
         dtype = jnp.result_type(x, *params.values())
     gate = layer._gate(layout.feature_shape)
     r_max, d_max = layer._bounds()
-    fields = {name: getattr(layer, name) for name in Options._fields if hasattr(layer, name)}
+    fields: dict[str, Any] = {
+        name: getattr(layer, name) for name in Options._fields if hasattr(layer, name)
+    }
     options = Options(
         **fields
         | dict(dtype=dtype, r_max=r_max, d_max=d_max, instance=gate is not None)

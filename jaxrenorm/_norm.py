@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast, overload
 
 import jax
 import jax.numpy as jnp
@@ -75,9 +75,7 @@ from jaxrenorm._stats import (
     stats_dtype,
 )
 from jaxrenorm._xla import checkpointed, inverse_bound, materialized, rsqrt, saved
-
-Params = Mapping[str, jax.Array | None] | None
-BatchStats = Mapping[str, jax.Array]
+from jaxrenorm.typing import ArrayLike, BatchStats, DTypeLike, Params
 
 
 class Options(NamedTuple):
@@ -117,7 +115,7 @@ class Options(NamedTuple):
 
 
 def init_batch_stats(
-    feature_shape: int | Sequence[int], dtype: jnp.dtype = jnp.float32
+    feature_shape: int | Sequence[int], dtype: DTypeLike = jnp.float32
 ) -> dict[str, jax.Array]:
     """Initial running statistics: mean 0 and variance 1 per feature (Flax's convention).
 
@@ -141,7 +139,7 @@ def init_batch_stats(
 
 @documents("pure")
 def batch_norm(
-    x: jax.Array,
+    x: ArrayLike,
     params: Params,
     batch_stats: BatchStats,
     *,
@@ -151,9 +149,9 @@ def batch_norm(
     epsilon: float = 1e-5,
     axis_name: str | None = None,
     axis_index_groups: Any = None,
-    mask: jax.Array | None = None,
+    mask: ArrayLike | None = None,
     use_fast_variance: bool = True,
-    dtype: jnp.dtype | None = None,
+    dtype: DTypeLike | None = None,
     virtual_batch_size: int | None = None,
     bessel_correction: bool = False,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -254,7 +252,7 @@ def batch_norm(
 
 @documents("pure")
 def batch_renorm(
-    x: jax.Array,
+    x: ArrayLike,
     params: Params,
     batch_stats: BatchStats,
     *,
@@ -264,13 +262,13 @@ def batch_renorm(
     epsilon: float = 1e-5,
     axis_name: str | None = None,
     axis_index_groups: Any = None,
-    mask: jax.Array | None = None,
+    mask: ArrayLike | None = None,
     use_fast_variance: bool = True,
-    dtype: jnp.dtype | None = None,
+    dtype: DTypeLike | None = None,
     virtual_batch_size: int | None = None,
     bessel_correction: bool = False,
-    r_max: float | jax.Array = 3.0,
-    d_max: float | jax.Array = 5.0,
+    r_max: ArrayLike = 3.0,
+    d_max: ArrayLike = 5.0,
     grad_through_batch_moments: bool | str = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Batch Renormalization (Ioffe 2017, arXiv 1702.03275, Algorithm 1), per feature.
@@ -398,7 +396,7 @@ def batch_renorm(
     "use the True positions only. False positions may hold NaN or Inf.",
 )
 def instance_renorm(
-    x: jax.Array,
+    x: ArrayLike,
     params: Params,
     batch_stats: BatchStats,
     *,
@@ -408,13 +406,13 @@ def instance_renorm(
     epsilon: float = 1e-5,
     axis_name: str | None = None,
     axis_index_groups: Any = None,
-    mask: jax.Array | None = None,
+    mask: ArrayLike | None = None,
     use_fast_variance: bool = True,
-    dtype: jnp.dtype | None = None,
+    dtype: DTypeLike | None = None,
     virtual_batch_size: int | None = None,
     bessel_correction: bool = False,
-    r_max: float | jax.Array = 3.0,
-    d_max: float | jax.Array = 5.0,
+    r_max: ArrayLike = 3.0,
+    d_max: ArrayLike = 5.0,
     grad_through_batch_moments: bool | str = True,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Batch Renormalization mixed with instance normalization by a learned gate rho.
@@ -580,7 +578,7 @@ class RenormTerms(NamedTuple):
 
 
 def _normalize(
-    x: jax.Array,
+    x: ArrayLike,
     params: Params,
     batch_stats: BatchStats,
     options: Options,
@@ -612,7 +610,7 @@ def _normalize(
 
 
 def _validate(
-    x: jax.Array,
+    x: ArrayLike,
     params: Params,
     batch_stats: BatchStats,
     options: Options,
@@ -625,7 +623,9 @@ def _validate(
     boolean array, and the feature-shaped values.
     """
     if layout is None:
-        x, layout = check_layout(x, options.axis)
+        array, layout = check_layout(x, options.axis)
+    else:  # checked by the caller (`layer_input`), which passes the array it returned
+        array = cast(jax.Array, x)
     features, context = layout.feature_shape, layout.context
     scale, bias, gate = check_params(params, features, context, gate=options.instance)
     mean, var = check_batch_stats(batch_stats, features, context)
@@ -638,7 +638,7 @@ def _validate(
     if options.instance:
         check_instance_layout(layout)
     if options.r_max is not None:
-        check_renorm(options.r_max, options.d_max, x.dtype, caller)
+        check_renorm(options.r_max, options.d_max, array.dtype, caller)
         check_moment_gradient(options.grad_through_batch_moments)
     # Inference ignores virtual batches, so an eval batch of any size is fine.
     if not options.use_running_average:
@@ -648,7 +648,7 @@ def _validate(
             check_axis_bound(options.axis_name, caller)
         if not options.initializing:
             check_more_than_one_value(*_values_per_group(layout, options), caller)
-    return x, layout, options, PerFeature(mean, var, scale, bias, gate)
+    return array, layout, options, PerFeature(mean, var, scale, bias, gate)
 
 
 def _values_per_group(layout: Layout, options: Options) -> tuple[int, tuple[int, ...], str]:
@@ -704,15 +704,18 @@ def _broadcast(values: PerFeature, layout: Layout, dtype: jnp.dtype) -> PerFeatu
     real = jnp.finfo(dtype).dtype
     target = tuple(1 if i in layout.reduction_axes else s for i, s in enumerate(layout.shape))
 
-    def cast(v: jax.Array | None, to: jnp.dtype) -> jax.Array | None:
-        return None if v is None else jnp.reshape(v, target).astype(jnp.promote_types(to, v.dtype))
+    def cast(v: jax.Array, to: jnp.dtype) -> jax.Array:
+        return jnp.reshape(v, target).astype(jnp.promote_types(to, v.dtype))
+
+    def cast_present(v: jax.Array | None, to: jnp.dtype) -> jax.Array | None:
+        return None if v is None else cast(v, to)
 
     return PerFeature(
         mean=cast(values.mean, dtype),
         var=cast(values.var, real),
-        scale=cast(values.scale, real),
-        bias=cast(values.bias, dtype),
-        gate=cast(values.gate, real),
+        scale=cast_present(values.scale, real),
+        bias=cast_present(values.bias, dtype),
+        gate=cast_present(values.gate, real),
     )
 
 
@@ -762,7 +765,7 @@ def _train(
         # statistics, and every other axis shifts by one.
         mask = None if mask is None else _group_mask(mask, x.shape, group)
         x = _split_groups(x, group)
-        per_feature = PerFeature(*(None if v is None else v[None] for v in per_feature))
+        per_feature = PerFeature._make(None if v is None else v[None] for v in per_feature)
         plan = plan._replace(
             reduction_axes=(1, *(a + 1 for a in plan.reduction_axes if a != 0)),
             example_axes=(1,) if plan.example_axes else (),
@@ -822,6 +825,7 @@ def _train_forward(
     if per_feature.gate is None:
         y = _affine_output(x, mask, moments.shift, a, c)
     else:
+        assert parts is not None  # a gate comes with example axes, and their moments
         y = _mix_instance(x, mask, moments.shift, a, c, parts, per_feature, plan)
     return y, moments, terms
 
@@ -850,7 +854,7 @@ def _batch_moments(
     if not plan.example_axes:
         shift = first_valid_of(x, plan.reduction_axes, mask)
         moments = compute_moments(x, plan.reduction_axes, mask=mask, shift=shift, **collective)
-        return Moments(*(saved(v) for v in moments)), None
+        return Moments._make(saved(v) for v in moments), None
     # One pass over the data: per-example moments (each with its own shift, so an
     # example's small spread survives its offset), merged into the batch's.
     parts = compute_moments(
@@ -860,7 +864,7 @@ def _batch_moments(
         use_fast_variance=plan.use_fast_variance,
         shift=first_valid_of(x, plan.spatial_axes, mask),
     )
-    parts = Moments(*(saved(v) for v in parts))
+    parts = Moments._make(saved(v) for v in parts)
     # An example may have no valid element: the first example that has one.
     common = first_valid_of(
         parts.shift, plan.example_axes, None if mask is None else parts.count > 0
@@ -868,7 +872,7 @@ def _batch_moments(
     moments = merge_moments(
         parts, plan.example_axes, shift=common, static_count=mask is None, **collective
     )
-    return Moments(*(saved(v) for v in moments)), parts
+    return Moments._make(saved(v) for v in moments), parts
 
 
 def _moment_gradient_weight(moments: Moments, epsilon: float) -> jax.Array:
@@ -1039,11 +1043,21 @@ def _unit_gate_bwd(rho: jax.Array, g: jax.Array) -> tuple[jax.Array]:
 _unit_gate.defvjp(_unit_gate_fwd, _unit_gate_bwd)
 
 
+@overload
+def _plus(u: jax.Array, v: jax.Array | None) -> jax.Array: ...
+@overload
+def _plus(u: jax.Array | None, v: jax.Array) -> jax.Array: ...
+@overload
+def _plus(u: jax.Array | None, v: jax.Array | None) -> jax.Array | None: ...
 def _plus(u: jax.Array | None, v: jax.Array | None) -> jax.Array | None:
     """u + v where None stands for an absent (zero) term."""
     return u if v is None else (v if u is None else u + v)
 
 
+@overload
+def _times(u: jax.Array, v: jax.Array | None) -> jax.Array: ...
+@overload
+def _times(u: jax.Array | None, v: jax.Array | None) -> jax.Array | None: ...
 def _times(u: jax.Array | None, v: jax.Array | None) -> jax.Array | None:
     """u * v where None stands for an absent term: a missing scale (1) or d (0)."""
     return u if v is None else (None if u is None else u * v)

@@ -26,6 +26,7 @@ from flax.core import unfreeze
 
 from jaxrenorm._checks import Layout, check_mask, check_recorded
 from jaxrenorm._stats import compute_moments
+from jaxrenorm.typing import ArrayLike
 
 #: (count, mean, var) of a layer's input per feature, what a layer records per call.
 Moments = tuple[jax.Array, jax.Array, jax.Array]
@@ -47,7 +48,7 @@ class PooledMoments(NamedTuple):
       m2: the sum of squared deviations from `mean`.
     """
 
-    count: np.ndarray
+    count: np.ndarray  # pyright: ignore[reportIncompatibleMethodOverride] (a field, not tuple.count)
     mean: np.ndarray
     m2: np.ndarray
 
@@ -132,12 +133,13 @@ def is_recording_inputs() -> bool:
     return _RECORDING.get()
 
 
-def input_moments(x: jax.Array, layout: Layout, mask: jax.Array | None) -> Moments:
+def input_moments(x: jax.Array, layout: Layout, mask: ArrayLike | None) -> Moments:
     """(count, mean, var) of a layer's input per feature: what recalibration records."""
     if mask is not None:
         mask = check_mask(mask, x.shape)
     m = compute_moments(x, layout.reduction_axes, mask=mask)
-    return tuple(jnp.squeeze(v, layout.reduction_axes) for v in (m.count, m.mean, m.var))
+    count, mean, var = (jnp.squeeze(v, layout.reduction_axes) for v in (m.count, m.mean, m.var))
+    return count, mean, var
 
 
 # --- pooling over the batches, the same for every family ------------------------

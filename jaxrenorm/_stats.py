@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.core import Tracer
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -50,7 +51,7 @@ class Moments(NamedTuple):
     shift: jax.Array
     offset: jax.Array
     var: jax.Array
-    count: jax.Array
+    count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride] (a field, not tuple.count)
 
     @property
     def mean(self) -> jax.Array:
@@ -74,7 +75,7 @@ def explicit_sharding(a: jax.Array) -> tuple[Any, tuple]:
     spec = tuple(getattr(getattr(jax.typeof(a), "sharding", None), "spec", None) or ())
     if not any(part is not None for part in spec):
         return None, ()
-    concrete = None if isinstance(a, jax.core.Tracer) else getattr(a, "sharding", None)
+    concrete = None if isinstance(a, Tracer) else getattr(a, "sharding", None)
     mesh = getattr(concrete, "mesh", None) or jax.typeof(a).sharding.mesh
     return mesh, spec + (None,) * (a.ndim - len(spec))
 
@@ -247,7 +248,8 @@ def across_devices(
         gathered = _gather_devices(rows, *collective)
         if static:  # every device holds `count` values
             gathered.append(jnp.broadcast_to(count, gathered[0].shape))
-        return _merge(*gathered, static, use_fast_variance)
+        shift, offset, var, count = gathered
+        return _merge(shift, offset, var, count, static, use_fast_variance)
 
     merged = jax.custom_jvp(gathered_and_merged)
 

@@ -30,12 +30,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
+from jax.core import Tracer
 
 # --- what the backward pass keeps -------------------------------------------------
 
@@ -55,6 +56,12 @@ def save_per_feature(prim: Any, *args: Any, **params: Any) -> bool:
     return prim.name in _REDUCTIONS or _save_named(prim, *args, **params)
 
 
+@overload
+def saved(v: jax.Array) -> jax.Array: ...
+@overload
+def saved(v: None) -> None: ...
+@overload
+def saved(v: jax.Array | None) -> jax.Array | None: ...
 def saved(v: jax.Array | None) -> jax.Array | None:
     """`v`, marked to be saved for the backward pass (None stays None).
 
@@ -78,7 +85,7 @@ def checkpointed(
     when None (`benchmarks/formulations.py` passes one that saves everything).
     """
     policy = save_per_feature if policy is None else policy
-    jitted = isinstance(x, jax.core.Tracer)
+    jitted = isinstance(x, Tracer)
     try:
         return _checkpointed_cached(forward, plan, jitted, policy)
     except TypeError:  # an unhashable setting (e.g. axis_index_groups as lists)
@@ -145,7 +152,7 @@ def materialized(*values: jax.Array) -> tuple[jax.Array, ...]:
 
 def traced_once(schedule: Callable[[jax.Array], Any], step: jax.Array) -> Any:
     """schedule(step); inside a trace, traced once per schedule rather than once per layer."""
-    if not isinstance(step, jax.core.Tracer):
+    if not isinstance(step, Tracer):
         return schedule(step)
     try:
         jitted = _jitted(schedule)

@@ -21,11 +21,10 @@ from flax.linen import initializers
 from flax.linen.module import merge_param
 
 from jaxrenorm import schedules
-from jaxrenorm._checks import Axes, Layout, check_statistics_present
+from jaxrenorm._checks import Layout, check_statistics_present
 from jaxrenorm._conversion import automatic_norm_names, convert_tree
 from jaxrenorm._docs import documents
 from jaxrenorm._layers import (
-    Bound,
     bounds_at,
     is_scheduled,
     layer_input,
@@ -36,6 +35,7 @@ from jaxrenorm._layers import (
 )
 from jaxrenorm._norm import RenormTerms
 from jaxrenorm._recalibration import COLLECTION, Moments
+from jaxrenorm.typing import ArrayLike, Axes, Bound, DTypeLike
 
 __all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm", "convert_variables"]
 
@@ -140,8 +140,8 @@ class BatchNorm(nn.Module):
     axis: Axes = -1
     momentum: float = 0.99
     epsilon: float = 1e-5
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
+    dtype: DTypeLike | None = None
+    param_dtype: DTypeLike = jnp.float32
     use_bias: bool = True
     use_scale: bool = True
     bias_init: Initializer = initializers.zeros
@@ -152,15 +152,15 @@ class BatchNorm(nn.Module):
     force_float32_reductions: bool = True
     virtual_batch_size: int | None = None
     bessel_correction: bool = False
-    batch_stats_dtype: Any = None
+    batch_stats_dtype: DTypeLike | None = None
 
     @nn.compact
     def __call__(
         self,
-        x: jax.Array,
+        x: ArrayLike,
         use_running_average: bool | None = None,
         *,
-        mask: jax.Array | None = None,
+        mask: ArrayLike | None = None,
     ) -> jax.Array:
         """Normalizes `x` and, in training mode, updates the running statistics.
 
@@ -400,7 +400,7 @@ class BatchRenorm(BatchNorm):
         if self._counts_steps():
             steps = step_count(self.get_variable("batch_stats", "steps"))
             self.put_variable("batch_stats", "steps", steps + 1)
-        if self.diagnostics:
+        if self.diagnostics and terms is not None:  # a renorm training call has terms
             for name, value in renorm_diagnostics(terms).items():
                 self.sow("intermediates", name, value)
 

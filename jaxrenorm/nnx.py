@@ -29,7 +29,6 @@ from jaxrenorm._conversion import convert_layers
 from jaxrenorm._docs import documents
 from jaxrenorm._layers import (
     DIAGNOSTICS,
-    Bound,
     bounds_at,
     is_scheduled,
     layer_input,
@@ -40,6 +39,7 @@ from jaxrenorm._layers import (
 )
 from jaxrenorm._norm import RenormTerms
 from jaxrenorm._recalibration import InputMoments, Moments, recalibrate_nnx
+from jaxrenorm.typing import ArrayLike, Bound, DTypeLike
 
 __all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm", "convert", "recalibrate"]
 
@@ -148,8 +148,8 @@ class BatchNorm(nnx.Module):
         axis: int = -1,
         momentum: float = 0.99,
         epsilon: float = 1e-5,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
+        dtype: DTypeLike | None = None,
+        param_dtype: DTypeLike = jnp.float32,
         use_bias: bool = True,
         use_scale: bool = True,
         # Flax's defaults, written as Flax writes them so that signatures read the same.
@@ -164,7 +164,7 @@ class BatchNorm(nnx.Module):
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
         virtual_batch_size: int | None = None,
         bessel_correction: bool = False,
-        batch_stats_dtype: Any = None,
+        batch_stats_dtype: DTypeLike | None = None,
     ):
         shape = (num_features,)
         stats_dtype = running_stats_dtype(batch_stats_dtype)
@@ -195,10 +195,10 @@ class BatchNorm(nnx.Module):
 
     def __call__(
         self,
-        x: jax.Array,
+        x: ArrayLike,
         use_running_average: bool | None = None,
         *,
-        mask: jax.Array | None = None,
+        mask: ArrayLike | None = None,
     ) -> jax.Array:
         """Normalizes `x` and, in training mode, updates the running statistics.
 
@@ -421,7 +421,7 @@ class BatchRenorm(BatchNorm):
         if self.steps is not None:
             # set_value, not [...] =, which would keep a float counter's dtype.
             self.steps.set_value(step_count(self.steps[...]) + 1)
-        if self.diagnostics:
+        if self.diagnostics and terms is not None:  # a renorm training call has terms
             self.diagnostics_values = nnx.Intermediate(renorm_diagnostics(terms))
 
 

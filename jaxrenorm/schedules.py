@@ -10,9 +10,13 @@ constant once it reaches its final value.
 
 from __future__ import annotations
 
+from typing import cast
+
+import jax
 import optax
 
 from jaxrenorm._checks import check_positive_int, check_ramp, check_scalar
+from jaxrenorm.typing import ArrayLike, Schedule
 
 __all__ = [
     "PAPER_D_MAX",
@@ -23,18 +27,21 @@ __all__ = [
 ]
 
 
-def _ramp(start: float, final: float, begin: int, end: int, name: str) -> optax.Schedule:
+def _ramp(start: float, final: float, begin: int, end: int, name: str) -> Schedule:
     check_ramp(begin, end, name)
     if begin == end:  # a step, which linear_schedule would turn into a constant `start`
-        return optax.join_schedules(
+        ramp = optax.join_schedules(
             [optax.constant_schedule(start), optax.constant_schedule(final)], boundaries=[begin]
         )
-    return optax.linear_schedule(
-        init_value=start, end_value=final, transition_steps=end - begin, transition_begin=begin
-    )
+    else:
+        ramp = optax.linear_schedule(
+            init_value=start, end_value=final, transition_steps=end - begin, transition_begin=begin
+        )
+    # optax types a schedule's value as ArrayLike; both of these return a jax.Array.
+    return cast(Schedule, ramp)
 
 
-def r_max_schedule(final: float = 3.0, begin: int = 5_000, end: int = 40_000) -> optax.Schedule:
+def r_max_schedule(final: float = 3.0, begin: int = 5_000, end: int = 40_000) -> Schedule:
     """r_max held at 1 until step `begin`, then linear to `final` at step `end`.
 
     Defaults are the paper's: 1 for 5,000 steps, 3 at 40,000.
@@ -57,7 +64,7 @@ def r_max_schedule(final: float = 3.0, begin: int = 5_000, end: int = 40_000) ->
     return _ramp(1.0, final, begin, end, "r_max_schedule")
 
 
-def d_max_schedule(final: float = 5.0, begin: int = 5_000, end: int = 25_000) -> optax.Schedule:
+def d_max_schedule(final: float = 5.0, begin: int = 5_000, end: int = 25_000) -> Schedule:
     """d_max held at 0 until step `begin`, then linear to `final` at step `end`.
 
     Defaults are the paper's: 0 for 5,000 steps, 5 at 25,000.
@@ -83,23 +90,23 @@ def d_max_schedule(final: float = 5.0, begin: int = 5_000, end: int = 25_000) ->
 class _Named:
     """A schedule that shows its name, so that signatures and `help()` read `PAPER_R_MAX`."""
 
-    def __init__(self, schedule: optax.Schedule, name: str):
+    def __init__(self, schedule: Schedule, name: str):
         self._schedule, self._name = schedule, name
 
-    def __call__(self, count):
+    def __call__(self, count: ArrayLike) -> jax.Array:
         return self._schedule(count)
 
     def __repr__(self) -> str:
         return f"jaxrenorm.schedules.{self._name}"
 
 
-PAPER_R_MAX: optax.Schedule = _Named(r_max_schedule(), "PAPER_R_MAX")
+PAPER_R_MAX: Schedule = _Named(r_max_schedule(), "PAPER_R_MAX")
 """The paper's r_max schedule: 1 until step 5,000, then linear to 3 at step 40,000.
 
 The default `r_max` of the `BatchRenorm` and `InstanceRenorm` modules.
 """
 
-PAPER_D_MAX: optax.Schedule = _Named(d_max_schedule(), "PAPER_D_MAX")
+PAPER_D_MAX: Schedule = _Named(d_max_schedule(), "PAPER_D_MAX")
 """The paper's d_max schedule: 0 until step 5,000, then linear to 5 at step 25,000.
 
 The default `d_max` of the `BatchRenorm` and `InstanceRenorm` modules.
@@ -108,7 +115,7 @@ The default `d_max` of the `BatchRenorm` and `InstanceRenorm` modules.
 
 def scaled_paper_schedules(
     total_steps: int, r_max: float = 3.0, d_max: float = 5.0
-) -> tuple[optax.Schedule, optax.Schedule]:
+) -> tuple[Schedule, Schedule]:
     """The paper's ramps, scaled to a run of `total_steps` steps.
 
     The paper trains for 40,000 steps between its milestones: BatchNorm until 5,000

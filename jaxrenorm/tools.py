@@ -18,6 +18,7 @@ from jaxrenorm._checks import (
 )
 from jaxrenorm._layers import DIAGNOSTICS
 from jaxrenorm._recalibration import PooledMoments, pool_moments, recalibrate_linen
+from jaxrenorm.typing import ArrayLike
 
 __all__ = [
     "PooledMoments",
@@ -140,8 +141,8 @@ def recalibrate(
 
 
 def fold_batch_norm(
-    kernel: jax.Array,
-    bias: jax.Array | None,
+    kernel: ArrayLike,
+    bias: ArrayLike | None,
     params: Mapping[str, Any] | None,
     batch_stats: Mapping[str, Any],
     *,
@@ -204,7 +205,7 @@ def fold_batch_norm(
 
 
 def batch_dependence(
-    apply_fn: Callable[[jax.Array], jax.Array], x: jax.Array, *, key: jax.Array
+    apply_fn: Callable[[jax.Array], Any], x: ArrayLike, *, key: jax.Array
 ) -> float:
     """How much any example's output depends on the rest of its batch.
 

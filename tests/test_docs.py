@@ -50,7 +50,7 @@ def test_snippet_sections_exist_in_readme():
 # --- the API reference --------------------------------------------------------
 
 API_MODULES = ("jaxrenorm", "jaxrenorm.linen", "jaxrenorm.nnx", "jaxrenorm.schedules")
-API_MODULES += ("jaxrenorm.tools", "jaxrenorm.interop")
+API_MODULES += ("jaxrenorm.tools", "jaxrenorm.interop", "jaxrenorm.typing")
 
 
 def _public_objects():
