@@ -162,8 +162,20 @@ def batch_indices(y: np.ndarray, steps: int, v: int, one_class: bool, rng) -> np
     return np.asarray(idx).reshape(steps, BATCH)
 
 
+def initial_variables(norm, data, seeds: np.ndarray):
+    """The models' variables, one per seed (stacked), for `trainer`.
+
+    Initialized outside the trainer's program, op by op: the random kernels of the
+    convolutions and dense layers have the same shapes whatever the normalization, so
+    their (costly to compile) programs are compiled once for every method.
+    """
+    x = jnp.asarray(data[0][:BATCH])
+    return jax.vmap(lambda seed: CNN(norm).init(jax.random.key(seed), x, train=False))(seeds)
+
+
 def trainer(norm, data, steps: int):
-    """A jitted function (seeds, indices) -> (test accuracies, late clipping diagnostics, rho).
+    """A jitted function (variables, indices) -> (test accuracies, late clipping
+    diagnostics, rho), the variables from `initial_variables`.
 
     rho holds the (mean, min, max) of the learned gates of the InstanceRenorm layers
     (NaN without any).
@@ -174,8 +186,7 @@ def trainer(norm, data, steps: int):
     model = CNN(norm)
     tx = optax.adam(optax.cosine_decay_schedule(2e-3, steps))
 
-    def run(seed, idx):
-        variables = model.init(jax.random.key(seed), x_train[:BATCH], train=False)
+    def run(variables, idx):
         params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
         def step(carry, batch_idx):
@@ -300,8 +311,10 @@ def main(argv: list[str] | None = None) -> str:
     # background thread, in the order the runs need them, while the main thread
     # trains with the programs already compiled (compiling is a third of the work).
     def program(method, v):
-        shapes = (seeds, np.zeros((args.seeds, args.steps, BATCH), np.int32))
-        return trainer(all_methods[method](v), data, args.steps).lower(*shapes).compile()
+        norm = all_methods[method](v)
+        variables = jax.eval_shape(lambda s: initial_variables(norm, data, s), seeds)
+        shapes = (variables, np.zeros((args.seeds, args.steps, BATCH), np.int32))
+        return trainer(norm, data, args.steps).lower(*shapes).compile()
 
     def key(method, setting):
         return method, None if method == "GroupNorm" else settings[setting][0]
@@ -320,7 +333,8 @@ def main(argv: list[str] | None = None) -> str:
             indices = np.stack(
                 [batch_indices(y_train, args.steps, v, one_class, rng) for _ in seeds]
             ).astype(np.int32)
-            acc, late, rho = programs[key(method, setting)].result()(seeds, indices)
+            variables = initial_variables(all_methods[method](v), data, seeds)
+            acc, late, rho = programs[key(method, setting)].result()(variables, indices)
             results[(method, setting)] = np.asarray(acc)
             if not np.isnan(rho).any():
                 gates[setting] = np.asarray(rho)
