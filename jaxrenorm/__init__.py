@@ -7,12 +7,16 @@ new running statistics, so they fit any training loop, under `jit`, `grad`,
 
     y, batch_stats = jaxrenorm.batch_renorm(x, params, batch_stats, use_running_average=False)
 
-The Flax modules are in `jaxrenorm.linen` and `jaxrenorm.nnx`, the r_max / d_max
+The Flax modules are in `jaxrenorm.linen` and `jaxrenorm.nnx`, the Equinox layers
+in `jaxrenorm.equinox` (with the `equinox` extra), the r_max / d_max
 ramps in `jaxrenorm.schedules`, PyTorch conversion in `jaxrenorm.interop`, the
 types of the signatures in `jaxrenorm.typing`. The
 tools of `jaxrenorm.tools` (`recalibrate`, `pool_moments`, `fold_batch_norm`,
 `batch_dependence`, `collect_diagnostics`, `sync_batch_stats`) are exported here too.
 """
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from jaxrenorm import interop, linen, nnx, schedules, tools, typing
 from jaxrenorm._norm import batch_norm, batch_renorm, init_batch_stats, instance_renorm
@@ -27,6 +31,17 @@ from jaxrenorm.tools import (
 )
 
 __version__ = "0.1.0"  # the one version number; pyproject.toml reads it
+
+if TYPE_CHECKING:
+    from jaxrenorm import equinox as equinox
+
+
+def __getattr__(name: str) -> Any:
+    """`jaxrenorm.equinox`, imported on first use: Equinox is an optional dependency."""
+    if name == "equinox":
+        return importlib.import_module("jaxrenorm.equinox")
+    raise AttributeError(f"module 'jaxrenorm' has no attribute {name!r}")
+
 
 __all__ = [
     "batch_dependence",

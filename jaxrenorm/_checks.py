@@ -78,15 +78,21 @@ def check_input(x: Any, name: str = "x") -> jax.Array:
     return x
 
 
-def check_layout(x: Any, axis: Axes) -> tuple[jax.Array, Layout]:
-    """Checks the input and `axis`; returns the input as an array and its `Layout`."""
+def check_layout(x: Any, axis: Axes, named_axes: bool = False) -> tuple[jax.Array, Layout]:
+    """Checks the input and `axis`; returns the input as an array and its `Layout`.
+
+    With `named_axes` (an `axis_name` is set) the input may have no axis to reduce:
+    one example's features, under a `vmap` or `pmap` whose named axes hold the batch.
+    """
     x = check_input(x)
     feature_axes = canonical_axes(x.ndim, axis)
     reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
-    if not reduction_axes:
+    if not reduction_axes and not named_axes:
         raise ValueError(
             f"`axis`={axis!r} makes every axis of the input (shape {x.shape}) a feature axis, "
-            "leaving nothing to compute batch statistics over."
+            "leaving nothing to compute batch statistics over. One example's features "
+            "(a function `vmap`ped over the batch) need `axis_name`, the named axis the "
+            "statistics are computed over."
         )
     return x, Layout(x.shape, axis, feature_axes, reduction_axes)
 
@@ -394,6 +400,15 @@ def check_converted_variables(problems: Sequence[str]) -> None:
         )
 
 
+def check_mode(mode: Any) -> None:
+    """An Equinox layer's `mode`: how it keeps its running averages."""
+    if mode not in ("batch", "ema"):
+        raise ValueError(
+            f"`mode` must be 'batch' (zero-debiased running averages) or 'ema' (running "
+            f"averages that start at the first batch's statistics), got {mode!r}."
+        )
+
+
 def check_recorded(recorded: bool) -> None:
     """`recalibrate` must have seen at least one normalization layer run."""
     if not recorded:
@@ -401,7 +416,7 @@ def check_recorded(recorded: bool) -> None:
             "recalibrate saw no jaxrenorm normalization layer run (or no batch); check "
             "`batches` and that the model's layers are jaxrenorm.linen or jaxrenorm.nnx "
             "modules (jaxrenorm.nnx.convert turns an NNX model's flax.nnx.BatchNorm layers "
-            "into jaxrenorm's)."
+            "into jaxrenorm's), or jaxrenorm.equinox layers (jaxrenorm.equinox.convert)."
         )
 
 

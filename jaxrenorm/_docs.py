@@ -13,9 +13,9 @@ After editing a description or a signature, run
 which rewrites those sections in place; tests/test_docstrings.py fails while any
 is out of date, and an argument without a description is a KeyError there.
 
-A description is a string, or a dict from family ("pure", "linen", "nnx") to
-string where the families differ. `{flax}` becomes the Flax layer the family
-mirrors.
+A description is a string, or a dict from family ("pure", "linen", "nnx",
+"equinox"; "module" for every module family, "default" for the others) to
+string where the families differ. `{flax}` becomes the layer the family mirrors.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ _FLAX = {
     "pure": "flax.linen.BatchNorm",
     "linen": "flax.linen.BatchNorm",
     "nnx": "flax.nnx.BatchNorm",
+    "equinox": "eqx.nn.BatchNorm",
 }
 
 _MODULE_BOUND = (
@@ -94,6 +95,12 @@ ARGUMENTS: dict[str, str | dict[str, str]] = {
     ),
     "epsilon": "a small value added to the variance before the square root, >= 0; as in {flax}.",
     "dtype": {
+        "equinox": (
+            "the dtype of `weight`, `bias` and the running statistics: float32 by "
+            "default (float64 with `jax_enable_x64`), as in {flax}. The output dtype "
+            "promotes the input's with the parameters'; the statistics are computed "
+            "in at least float32."
+        ),
         "pure": (
             "the output dtype (default: the input's). The statistics are computed in "
             "at least float32 whatever the dtype."
@@ -125,21 +132,35 @@ ARGUMENTS: dict[str, str | dict[str, str]] = {
     ),
     "bias_init": "the initializer of `bias` (zeros by default); as in {flax}.",
     "scale_init": "the initializer of `scale` (ones by default); as in {flax}.",
-    "axis_name": (
-        "the named axis, or tuple of axis names, of a `pmap`, `shard_map` or `vmap` "
-        "whose devices share the statistics of the global batch, computed with one "
-        "collective per layer, a gather of a few values per feature and device (and "
-        "one more in the backward pass); as in "
-        "{flax}. Not needed under `jit` with a sharded batch, where XLA inserts the "
-        "collectives. Each device's moments are about a sample of its own data and "
-        "are merged exactly, so the result is as accurate as on one device whatever "
-        "the running statistics of the devices hold (they may differ, as in a "
-        "`vmap`ped ensemble)."
-    ),
-    "axis_index_groups": (
-        "groups of device indices along `axis_name`, each normalized with its own "
-        "statistics (e.g. `[[0, 1], [2, 3]]`); as in {flax}."
-    ),
+    "axis_name": {
+        "default": (
+            "the named axis, or tuple of axis names, of a `pmap`, `shard_map` or `vmap` "
+            "whose devices share the statistics of the global batch, computed with one "
+            "collective per layer, a gather of a few values per feature and device (and "
+            "one more in the backward pass); as in "
+            "{flax}. Not needed under `jit` with a sharded batch, where XLA inserts the "
+            "collectives. Each device's moments are about a sample of its own data and "
+            "are merged exactly, so the result is as accurate as on one device whatever "
+            "the running statistics of the devices hold (they may differ, as in a "
+            "`vmap`ped ensemble)."
+        ),
+        "equinox": (
+            "the named axis, or tuple of axis names, of the `vmap` (or `pmap`, "
+            "`shard_map`) whose examples share the statistics, computed with one "
+            "collective over those axes; as in {flax}. Each device's moments are "
+            "about a sample of its own data and are merged exactly."
+        ),
+    },
+    "axis_index_groups": {
+        "default": (
+            "groups of device indices along `axis_name`, each normalized with its own "
+            "statistics (e.g. `[[0, 1], [2, 3]]`); as in {flax}."
+        ),
+        "equinox": (
+            "groups of indices along `axis_name` (a `pmap`'s), each normalized with "
+            "its own statistics (e.g. `[[0, 1], [2, 3]]`); `vmap` has no groups."
+        ),
+    },
     "mask": (
         "a boolean array broadcastable to `x`: the statistics use the True positions "
         "only, weighted by their number on each device. False positions may hold NaN "
@@ -148,26 +169,43 @@ ARGUMENTS: dict[str, str | dict[str, str]] = {
         "one-pass variance shifts by each group's first valid element. A feature with "
         "no valid element keeps its running statistics and is normalized with them."
     ),
-    "use_fast_variance": (
-        "True (the default, as in {flax}) computes the variance in one pass, shifted "
-        "by a sample of the data so that it stays accurate on offset data, where "
-        "Flax's one-pass E[x^2] - E[x]^2 is not (x = 1e4 + N(0, 1) in float32: "
-        "relative error 1e-7 against 23). False computes the exact two-pass "
-        "variance, at the cost of a second pass over the data (the collective with "
-        "`axis_name` stays one)."
-    ),
+    "use_fast_variance": {
+        "default": (
+            "True (the default, as in {flax}) computes the variance in one pass, shifted "
+            "by a sample of the data so that it stays accurate on offset data, where "
+            "Flax's one-pass E[x^2] - E[x]^2 is not (x = 1e4 + N(0, 1) in float32: "
+            "relative error 1e-7 against 23). False computes the exact two-pass "
+            "variance, at the cost of a second pass over the data (the collective with "
+            "`axis_name` stays one)."
+        ),
+        "equinox": (
+            "True (the default) computes the variance in one pass, shifted by a "
+            "sample of the data so that it stays accurate on offset data; False "
+            "computes the exact two-pass variance, at the cost of a second pass over "
+            "the data (the collective stays one). {flax} computes two passes."
+        ),
+    },
     "force_float32_reductions": (
         "True (the default) keeps the running statistics in float32; False keeps "
         "them in `param_dtype`, as in {flax}. The statistics of each batch are "
         "computed in at least float32 either way: reducing in bfloat16 is not faster "
         "on any backend measured and loses most of the variance's digits."
     ),
-    "virtual_batch_size": (
-        'statistics over consecutive groups ("virtual" or "ghost" batches) of this '
-        "many examples along axis 0, which it must divide; the running statistics "
-        "move towards the mean over groups of the group means and variances. Groups "
-        "are local to each device (no collective). None: the whole batch."
-    ),
+    "virtual_batch_size": {
+        "default": (
+            'statistics over consecutive groups ("virtual" or "ghost" batches) of this '
+            "many examples along axis 0, which it must divide; the running statistics "
+            "move towards the mean over groups of the group means and variances. Groups "
+            "are local to each device (no collective). None: the whole batch."
+        ),
+        "equinox": (
+            "statistics over consecutive groups of this many examples along the "
+            "input's first axis, for a layer called on a batch rather than one "
+            "example. A layer called on one example, the Equinox way, has no examples "
+            "to group: nest two vmaps, the inner one over the examples of a group, or "
+            "use `axis_index_groups` under `pmap`. None: no groups."
+        ),
+    },
     "bessel_correction": (
         "update the running variance with the unbiased batch variance "
         "n / (n - 1) * var_B, n the number of valid values per feature (per group "
@@ -229,6 +267,12 @@ ARGUMENTS: dict[str, str | dict[str, str]] = {
         "group it is the paper's gradient."
     ),
     "diagnostics": {
+        "equinox": (
+            "if True, each training call stores `r_clipped`, `d_clipped`, "
+            "`r_mean_abs_dev` and `d_mean_abs` (see `jaxrenorm.collect_diagnostics`) "
+            "in the state, as a dict under `layer.diagnostics_index` (zeros until the "
+            "first training call). Off by default."
+        ),
         "linen": (
             "if True, each training call sows `r_clipped`, `d_clipped`, "
             "`r_mean_abs_dev` and `d_mean_abs` into the `intermediates` collection; "
@@ -242,9 +286,33 @@ ARGUMENTS: dict[str, str | dict[str, str]] = {
             "until the first training call). Off by default."
         ),
     },
-    "rho_init": (
-        "the initializer of the gate `rho` (feature shape, `param_dtype`): 0.5 "
-        "everywhere by default, an even mix of batch and instance statistics."
+    "rho_init": {
+        "module": (
+            "the initializer of the gate `rho` (feature shape, `param_dtype`): 0.5 "
+            "everywhere by default, an even mix of batch and instance statistics."
+        ),
+        "equinox": (
+            "the initial value of the gate `rho`, a per-channel parameter in the "
+            "dtype of `weight`: 0.5 by default, an even mix of batch and instance "
+            "statistics."
+        ),
+    },
+    # Equinox's names (jaxrenorm.equinox), after eqx.nn.BatchNorm's constructor.
+    "input_size": "the number of channels, the size of the example's first axis.",
+    "eps": "a small value added to the variance before the square root, >= 0; as in {flax}.",
+    "channelwise_affine": ("learn a per-channel `weight` (gamma) and `bias` (beta); as in {flax}."),
+    "inference": (
+        "True normalizes with the running statistics (evaluation), False with the "
+        "batch's, returning the state with the running ones updated (training). "
+        "`eqx.nn.inference_mode` sets it, and the call's `inference` takes "
+        "precedence. As in {flax}."
+    ),
+    "mode": (
+        '"batch" (the default): zero-debiased running averages that start at 0, '
+        "whose variance {flax} starts at 1 instead, overestimating it for hundreds "
+        'of steps; "ema": running averages that start at the first batch\'s '
+        "statistics. Either way a training call normalizes with the batch's "
+        'statistics ({flax}\'s "ema" normalizes with the running averages).'
     ),
     "promote_dtype": (
         "called as `promote_dtype((x, mean, var, scale, bias), dtype=dtype)`, it "
@@ -314,7 +382,7 @@ def _without_section(doc: str) -> str:
 def _argument_names(obj: Any, family: str) -> list[str]:
     if family == "linen":
         names = [f.name for f in dataclasses.fields(obj)]
-    elif family == "nnx":
+    elif family in ("nnx", "equinox"):
         names = []  # the base class's constructor first, then each subclass's additions
         for cls in reversed(obj.__mro__):
             if "__init__" in vars(cls) and cls.__module__.startswith("jaxrenorm"):
@@ -332,7 +400,12 @@ def _parameters(fn: Callable) -> list[str]:
 def _describe(name: str, family: str) -> str:
     text = ARGUMENTS[name]  # a KeyError at import: an argument without a description
     if isinstance(text, dict):
-        key = "module" if family != "pure" and "module" in text else family
+        if family in text:
+            key = family
+        elif family != "pure" and "module" in text:
+            key = "module"
+        else:
+            key = "default"
         text = text[key]
     return text.replace("{flax}", _FLAX[family])
 
@@ -358,12 +431,19 @@ def _insert(doc: str, section: list[str]) -> str:
 
 def documented_objects() -> list[Any]:
     """Every object of the package marked `@documents`."""
+    import importlib.util
+
     import jaxrenorm
     import jaxrenorm.linen
     import jaxrenorm.nnx
 
+    modules: list[Any] = [jaxrenorm, jaxrenorm.linen, jaxrenorm.nnx]
+    if importlib.util.find_spec("equinox") is not None:  # an optional dependency
+        import jaxrenorm.equinox
+
+        modules.append(jaxrenorm.equinox)
     found = []
-    for module in (jaxrenorm, jaxrenorm.linen, jaxrenorm.nnx):
+    for module in modules:
         for value in vars(module).values():
             if hasattr(value, "__jaxrenorm_documents__") and value not in found:
                 if "__jaxrenorm_documents__" in vars(value) or inspect.isfunction(value):

@@ -1,6 +1,6 @@
 """The contract of a module family, and the glue between its layers and the pure functions.
 
-A module family (linen, NNX) is one file of layers that hold variables and
+A module family (linen, NNX, Equinox) is one file of layers that hold variables and
 answer the hooks below; the math is `jaxrenorm._norm`'s and everything else is
 shared. `Layer` states the part the glue calls. A family provides:
 
@@ -38,6 +38,14 @@ shared. `Layer` states the part the glue calls. A family provides:
   it keeps the variables both kinds have (`scale`, `bias`, `mean`, `var`, and
   `steps`, `rho` where both have them), adds those only the new kind has at
   their initial values (`steps` = 0) and drops the rest.
+
+Equinox's layers (`jaxrenorm.equinox`) are immutable and keep what changes in the
+`eqx.nn.State` of the call: params `weight` and `bias` under Equinox's names, and
+one state entry `{"mean", "var", "steps"}` (the counter always: it also debiases
+the running averages). So their `__call__` reads the counter from the state and
+passes `bounds` to `normalize_layer` instead of answering `_bounds`, and returns
+the new state rather than writing it back; their conversion lives beside them, as
+Equinox is an optional dependency.
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ import jax.numpy as jnp
 from jaxrenorm._checks import Layout, check_floating_dtype, check_layout, check_step_count
 from jaxrenorm._norm import Options, RenormTerms, _normalize
 from jaxrenorm._recalibration import Moments, input_moments, is_recording_inputs
-from jaxrenorm._xla import traced_once
+from jaxrenorm._xla import standard_promotion, traced_once
 from jaxrenorm.typing import ArrayLike, Bound
 
 
@@ -68,9 +76,6 @@ class Layer(Protocol):
     def _gate(self, feature_shape: tuple[int, ...]) -> jax.Array | None:
         """The instance-normalization gate rho, or None."""
         ...
-
-    def _after_training_call(self, terms: RenormTerms | None) -> None:
-        """Records what a training call leaves besides the running statistics."""
 
     def _record_input(self, moments: Moments) -> None:
         """Keeps the input's moments for `recalibrate`."""
@@ -135,6 +140,7 @@ def running_stats_dtype(batch_stats_dtype: Any, default: Any = jnp.float32) -> A
     return dtype
 
 
+@standard_promotion
 def layer_input(layer: Layer, x: ArrayLike, mask: ArrayLike | None) -> tuple[jax.Array, Layout]:
     """The call's input checked against the layer's `axis`, and its layout (`check_layout`).
 
@@ -142,24 +148,28 @@ def layer_input(layer: Layer, x: ArrayLike, mask: ArrayLike | None) -> tuple[jax
     `_record_input` hook first: before any promotion to the layer's dtype, so that
     the population statistics are those of the input as given.
     """
-    x, layout = check_layout(x, layer.axis)
+    x, layout = check_layout(x, layer.axis, getattr(layer, "axis_name", None) is not None)
     if is_recording_inputs():
         layer._record_input(input_moments(x, layout, mask))
     return x, layout
 
 
+@standard_promotion
 def normalize_layer(
     layer: Layer,
     x: ArrayLike,
     layout: Layout,
     params: Mapping[str, jax.Array],
     batch_stats: Mapping[str, jax.Array],
+    bounds: tuple[Any, Any] | None = None,
     **overrides: Any,
 ) -> tuple[jax.Array, dict[str, jax.Array], RenormTerms | None]:
     """Runs `_normalize` on a checked input (`layer_input`) with the layer's fields as options.
 
     `params` holds the layer's scale and bias (either may be missing); the gate,
-    if the layer has one, comes from its `_gate` hook, the bounds from `_bounds`.
+    if the layer has one, comes from its `_gate` hook, the bounds from `_bounds`
+    unless the call passes `bounds` (Equinox's layers, whose counter is in the
+    `State` of the call rather than in the layer).
     `overrides` (the call's `use_running_average`, `mask`, ...) take precedence
     over the fields. As in Flax, the output dtype is the layer's `dtype` or,
     without one, the promotion of the input's and the params' dtypes.
@@ -168,7 +178,7 @@ def normalize_layer(
     if dtype is None:
         dtype = jnp.result_type(x, *params.values())
     gate = layer._gate(layout.feature_shape)
-    r_max, d_max = layer._bounds()
+    r_max, d_max = layer._bounds() if bounds is None else bounds
     fields: dict[str, Any] = {
         name: getattr(layer, name) for name in Options._fields if hasattr(layer, name)
     }

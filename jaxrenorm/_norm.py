@@ -74,7 +74,14 @@ from jaxrenorm._stats import (
     sharded_like,
     stats_dtype,
 )
-from jaxrenorm._xla import checkpointed, inverse_bound, materialized, rsqrt, saved
+from jaxrenorm._xla import (
+    checkpointed,
+    inverse_bound,
+    materialized,
+    rsqrt,
+    saved,
+    standard_promotion,
+)
 from jaxrenorm.typing import ArrayLike, BatchStats, DTypeLike, Params
 
 
@@ -577,6 +584,7 @@ class RenormTerms(NamedTuple):
     d_unclipped: jax.Array
 
 
+@standard_promotion
 def _normalize(
     x: ArrayLike,
     params: Params,
@@ -623,7 +631,7 @@ def _validate(
     boolean array, and the feature-shaped values.
     """
     if layout is None:
-        array, layout = check_layout(x, options.axis)
+        array, layout = check_layout(x, options.axis, options.axis_name is not None)
     else:  # checked by the caller (`layer_input`), which passes the array it returned
         array = cast(jax.Array, x)
     features, context = layout.feature_shape, layout.context

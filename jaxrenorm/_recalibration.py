@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -147,15 +147,16 @@ def input_moments(x: jax.Array, layout: Layout, mask: ArrayLike | None) -> Momen
 
 def pooled_inputs(
     batches: Iterable[Any],
-    batch_moments: Callable[[Any], Iterable[tuple[tuple, Sequence[Moments]]]],
+    batch_moments: Callable[[Any], Iterable[tuple[Hashable, Sequence[tuple[Any, Any, Any]]]]],
     progress: bool,
-) -> dict[tuple, PooledMoments]:
-    """{layer path: pooled moments of its input}, over `batches`.
+) -> dict[Any, PooledMoments]:
+    """{layer: pooled moments of its input}, over `batches`.
 
-    `batch_moments(batch)` runs the model on one batch and returns, per layer
-    path, the (count, mean, var) of the layer's input at each of its calls.
+    `batch_moments(batch)` runs the model on one batch and returns, per layer (its
+    path, or what else the family identifies it by), the (count, mean, var) of the
+    layer's input at each of its calls.
     """
-    pooled: dict[tuple, PooledMoments] = {}
+    pooled: dict[Any, PooledMoments] = {}
     if progress:
         from tqdm.auto import tqdm  # optional: only for the progress bar
 

@@ -30,13 +30,38 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, overload
+from typing import Any, ParamSpec, TypeVar, overload
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.ad_checkpoint import checkpoint_name
 from jax.core import Tracer
+
+# --- the promotion rules the library's own code runs under -----------------------
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def standard_promotion(fn: Callable[P, R]) -> Callable[P, R]:
+    """`fn` traced with JAX's standard dtype and rank promotion, whatever the caller's.
+
+    Users (Equinox's own tests among them) set `jax_numpy_dtype_promotion="strict"`
+    and `jax_numpy_rank_promotion="raise"` to catch implicit promotions in their
+    code. The library's promotions are deliberate (a float16 input normalized with
+    float32 statistics and parameters, per-feature values broadcast against the
+    input) and stay inside it: every public entry point is traced under the standard
+    rules, and what it returns has the dtypes the documentation states.
+    """
+
+    @functools.wraps(fn)
+    def wrapped(*args: P.args, **kwargs: P.kwargs) -> R:
+        with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
 
 # --- what the backward pass keeps -------------------------------------------------
 

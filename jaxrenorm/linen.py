@@ -35,6 +35,7 @@ from jaxrenorm._layers import (
 )
 from jaxrenorm._norm import RenormTerms
 from jaxrenorm._recalibration import COLLECTION, Moments
+from jaxrenorm._xla import standard_promotion
 from jaxrenorm.typing import ArrayLike, Axes, Bound, DTypeLike
 
 __all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm", "convert_variables"]
@@ -155,6 +156,7 @@ class BatchNorm(nn.Module):
     batch_stats_dtype: DTypeLike | None = None
 
     @nn.compact
+    @standard_promotion
     def __call__(
         self,
         x: ArrayLike,

@@ -39,6 +39,7 @@ from jaxrenorm._layers import (
 )
 from jaxrenorm._norm import RenormTerms
 from jaxrenorm._recalibration import InputMoments, Moments, recalibrate_nnx
+from jaxrenorm._xla import standard_promotion
 from jaxrenorm.typing import ArrayLike, Bound, DTypeLike
 
 __all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm", "convert", "recalibrate"]
@@ -193,6 +194,7 @@ class BatchNorm(nnx.Module):
         self.bessel_correction = bessel_correction
         self.batch_stats_dtype = batch_stats_dtype
 
+    @standard_promotion
     def __call__(
         self,
         x: ArrayLike,

@@ -18,6 +18,7 @@ from jaxrenorm._checks import (
 )
 from jaxrenorm._layers import DIAGNOSTICS
 from jaxrenorm._recalibration import PooledMoments, pool_moments, recalibrate_linen
+from jaxrenorm._xla import standard_promotion
 from jaxrenorm.typing import ArrayLike
 
 __all__ = [
@@ -77,6 +78,7 @@ def collect_diagnostics(intermediates: Mapping[str, Any], sep: str = "/") -> dic
 # --- recalibration -------------------------------------------------------------
 
 
+@standard_promotion
 def recalibrate(
     model: nn.Module,
     variables: Mapping[str, Any],
@@ -140,6 +142,7 @@ def recalibrate(
     return recalibrate_linen(model, variables, batches, progress, apply_kwargs)
 
 
+@standard_promotion
 def fold_batch_norm(
     kernel: ArrayLike,
     bias: ArrayLike | None,
@@ -204,6 +207,7 @@ def fold_batch_norm(
     return (kernel * a).astype(kernel.dtype), new_bias.astype(dtype)
 
 
+@standard_promotion
 def batch_dependence(
     apply_fn: Callable[[jax.Array], Any], x: ArrayLike, *, key: jax.Array
 ) -> float:
@@ -267,6 +271,7 @@ def batch_dependence(
     return worst / scale
 
 
+@standard_promotion
 def sync_batch_stats(batch_stats: Any, axis_name: Any, *, axis_index_groups: Any = None) -> Any:
     """The running statistics averaged over the devices of `axis_name`; counters left exact.
 

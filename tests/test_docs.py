@@ -7,6 +7,7 @@ README's own blocks, which tests/test_readme.py runs.
 
 import dataclasses
 import importlib
+import importlib.util
 import inspect
 import pathlib
 import re
@@ -17,6 +18,8 @@ import pytest
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs"
 PAGES = sorted(p for p in DOCS.rglob("*.md"))
 BLOCK = re.compile(r"```python\n(.*?)```", flags=re.S)
+# The Equinox family is an optional extra: without it, its page and API skip.
+HAS_EQUINOX = importlib.util.find_spec("equinox") is not None
 
 
 def test_pages_exist():
@@ -27,6 +30,8 @@ def test_pages_exist():
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(DOCS).as_posix())
 def test_page_code_runs(page):
+    if "import equinox" in page.read_text() and not HAS_EQUINOX:
+        pytest.skip("equinox is not installed (the `equinox` extra)")
     namespace: dict = {}
     for i, block in enumerate(BLOCK.findall(page.read_text())):
         exec(compile(block, f"{page.name} block {i}", "exec"), namespace)
@@ -51,6 +56,7 @@ def test_snippet_sections_exist_in_readme():
 
 API_MODULES = ("jaxrenorm", "jaxrenorm.linen", "jaxrenorm.nnx", "jaxrenorm.schedules")
 API_MODULES += ("jaxrenorm.tools", "jaxrenorm.interop", "jaxrenorm.typing")
+API_MODULES += ("jaxrenorm.equinox",) if HAS_EQUINOX else ()
 
 
 def _public_objects():
@@ -70,6 +76,8 @@ def _rendered_objects():
         directives = re.finditer(r"^::: ([\w.]+)\n((?:    .*\n)*)", page.read_text(), flags=re.M)
         for directive in directives:
             target, options = directive.group(1), directive.group(2)
+            if target.startswith("jaxrenorm.equinox") and not HAS_EQUINOX:
+                continue
             try:
                 obj = importlib.import_module(target)
             except ImportError:
@@ -94,10 +102,10 @@ def _arguments(obj) -> list[str]:
     if isinstance(obj, type) and issubclass(obj, flax.linen.Module):
         fields = [f.name for f in dataclasses.fields(obj) if f.name not in ("parent", "name")]
         return fields
-    if isinstance(obj, type) and issubclass(obj, flax.nnx.Module):
+    if isinstance(obj, type) and not issubclass(obj, tuple):  # NNX, Equinox: the constructors
         ours = [c for c in obj.__mro__ if c.__module__.startswith("jaxrenorm")]
         inits = [c.__init__ for c in ours if "__init__" in vars(c)]
-        return sorted({p for init in inits for p in _parameters(init)} - {"kwargs"})
+        return sorted({p for init in inits for p in _parameters(init)} - {"args", "kwargs"})
     if isinstance(obj, type) and issubclass(obj, tuple):  # a NamedTuple
         return list(obj._fields)
     return _parameters(obj)

@@ -1,5 +1,6 @@
 """The argument sections written into the source are those of the one table of descriptions."""
 
+import importlib.util
 import inspect
 
 import pytest
@@ -13,9 +14,10 @@ WRITE = 'python -c "import jaxrenorm._docs as d; d.write_sections()"'
 
 def test_every_public_function_and_layer_is_documented_from_the_table():
     names = {f"{obj.__module__}.{obj.__qualname__}" for obj in DOCUMENTED}
+    families = ("linen", "nnx") + (("equinox",) if importlib.util.find_spec("equinox") else ())
     expected = {
         f"jaxrenorm.{family}.{layer}"
-        for family in ("linen", "nnx")
+        for family in families
         for layer in ("BatchNorm", "BatchRenorm", "InstanceRenorm")
     }
     expected |= {f"jaxrenorm._norm.{fn}" for fn in ("batch_norm", "batch_renorm")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib.util
 import inspect
 
 import chex
@@ -245,19 +246,29 @@ def test_paper_schedule_is_the_default_and_starts_as_batch_norm():
 
 
 def test_class_relations_and_hooks_match_the_nnx_family():
-    """BatchNorm <- BatchRenorm <- InstanceRenorm in both families, so `isinstance`
-    answers alike; both answer the hooks of the contract with the same signatures;
+    """BatchNorm <- BatchRenorm <- InstanceRenorm in every family, so `isinstance`
+    answers alike; each answers the hooks of the contract with the same signatures;
     a BatchRenorm's fields are BatchNorm's followed by its own."""
-    for family in (jaxrenorm.linen, jaxrenorm.nnx):
+    families = [jaxrenorm.linen, jaxrenorm.nnx]
+    if importlib.util.find_spec("equinox") is not None:
+        families.append(jaxrenorm.equinox)
+    for family in families:
         assert family.BatchRenorm.__bases__ == (family.BatchNorm,)
         assert family.InstanceRenorm.__bases__ == (family.BatchRenorm,)
     members = vars(Layer).items()
     hooks = [n for n, m in members if inspect.isfunction(m) and not n.startswith("__")]
-    assert hooks == ["_bounds", "_gate", "_after_training_call", "_record_input"]
+    assert hooks == ["_bounds", "_gate", "_record_input"]
     for name in hooks:
         expected = inspect.signature(getattr(Layer, name))
-        for family in (jaxrenorm.linen, jaxrenorm.nnx):
+        for family in families:
             assert inspect.signature(getattr(family.BatchNorm, name)) == expected, name
+    # What a training call records besides the statistics: written back by the Flax
+    # families, returned in the new state by Equinox's.
+    for family in (jaxrenorm.linen, jaxrenorm.nnx):
+        assert list(inspect.signature(family.BatchNorm._after_training_call).parameters) == [
+            "self",
+            "terms",
+        ]
     fields = lambda cls: [f.name for f in dataclasses.fields(cls)]  # noqa: E731
     machinery = ["parent", "name"]  # Flax's, last in every module
     bn = fields(jaxrenorm.linen.BatchNorm)[: -len(machinery)]
