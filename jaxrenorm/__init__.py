@@ -12,7 +12,8 @@ in `jaxrenorm.equinox` (with the `equinox` extra), the r_max / d_max
 ramps in `jaxrenorm.schedules`, PyTorch conversion in `jaxrenorm.interop`, the
 types of the signatures in `jaxrenorm.typing`. The
 tools of `jaxrenorm.tools` (`recalibrate`, `pool_moments`, `fold_batch_norm`,
-`batch_dependence`, `collect_diagnostics`, `sync_batch_stats`) are exported here too.
+`batch_dependence`, `collect_diagnostics`, `sync_batch_stats`, `debiased_momentum`)
+are exported here too.
 """
 
 import importlib
@@ -24,6 +25,7 @@ from jaxrenorm._stats import moments
 from jaxrenorm.tools import (
     batch_dependence,
     collect_diagnostics,
+    debiased_momentum,
     fold_batch_norm,
     pool_moments,
     recalibrate,
@@ -48,6 +50,7 @@ __all__ = [
     "batch_norm",
     "batch_renorm",
     "collect_diagnostics",
+    "debiased_momentum",
     "fold_batch_norm",
     "init_batch_stats",
     "instance_renorm",

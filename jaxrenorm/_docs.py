@@ -297,6 +297,15 @@ ARGUMENTS: dict[str, str | dict[str, str]] = {
             "statistics."
         ),
     },
+    "debias_running_average": (
+        "keep zero-debiased running averages: each training call updates with the "
+        "momentum `jaxrenorm.debiased_momentum(momentum, steps)` (0 on the first call) "
+        "and increments an int32 `steps` counter kept with the running statistics, so "
+        "that after t calls they are the average of the t batches' statistics "
+        "weighted by (1 - m) m^(t - i), normalized to sum to one: they describe the "
+        "batches however short the run, not their initial values. False (the "
+        "default) is Flax's plain exponential average, from 0 and 1."
+    ),
     # Equinox's names (jaxrenorm.equinox), after eqx.nn.BatchNorm's constructor.
     "input_size": "the number of channels, the size of the example's first axis.",
     "eps": "a small value added to the variance before the square root, >= 0; as in {flax}.",

@@ -127,6 +127,36 @@ def step_count(steps: Any) -> jax.Array:
     return steps.astype(jnp.int32)
 
 
+def debiased_momentum(momentum: float, steps: ArrayLike) -> jax.Array:
+    """The momentum of training call `steps` (0, 1, ...) that keeps a debiased average.
+
+    With m = `momentum`, m (1 - m^t) / (1 - m^(t + 1)): 0 on the first call (the
+    running statistics become the batch's), then rising towards m. Updating with it
+    keeps the zero-debiased average hidden_t / (1 - m^t) of the batches seen so far,
+    hidden_t = m hidden_(t-1) + (1 - m) batch_t from hidden_0 = 0, as the running
+    values themselves: after a few calls they describe the batches, not the initial
+    values, however close m is to 1. m = 0 and m = 1 are returned as they are.
+
+    Args:
+      momentum: the decay rate m of the running statistics, in [0, 1] (Flax's
+        convention: the weight of the old value).
+      steps: the number of training calls before this one (0 for the first), a
+        Python int or an integer array (traced under `jit`).
+
+    Returns:
+      A float32 scalar: the momentum to pass to this call.
+
+    Examples:
+      >>> import jaxrenorm
+      >>> [round(float(jaxrenorm.debiased_momentum(0.9, t)), 4) for t in range(4)]
+      [0.0, 0.4737, 0.631, 0.7092]
+    """
+    if momentum in (0.0, 1.0):
+        return jnp.asarray(momentum, jnp.float32)
+    t = jnp.asarray(steps).astype(jnp.float32)
+    return momentum * (1 - momentum**t) / (1 - momentum ** (t + 1))
+
+
 def is_scheduled(r_max: Bound, d_max: Bound) -> bool:
     """Whether a bound is a schedule, so the layer needs its `steps` counter."""
     return callable(r_max) or callable(d_max)

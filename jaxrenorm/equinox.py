@@ -56,6 +56,7 @@ from jaxrenorm._docs import documents
 from jaxrenorm._layers import (
     DIAGNOSTICS,
     bounds_at,
+    debiased_momentum,
     layer_input,
     normalize_layer,
     renorm_diagnostics,
@@ -298,12 +299,9 @@ class BatchNorm(eqx.nn.StatefulLayer):
         debiased values themselves (0 on the first call, then towards m).
         """
         m = self.momentum
-        if m in (0.0, 1.0):
-            return m  # nothing to debias: the last batch, or the initial values forever
-        if self.mode == "ema":
-            return jnp.where(steps == 0, 0.0, m)
-        t = steps.astype(jnp.float32)
-        return m * (1 - m**t) / (1 - m ** (t + 1))
+        if self.mode == "batch":
+            return debiased_momentum(m, steps)
+        return jnp.where(steps == 0, 0.0, m)
 
     def _as_batch(self, x: jax.Array) -> jax.Array:
         return x

@@ -26,6 +26,7 @@ from jaxrenorm._conversion import automatic_norm_names, convert_tree
 from jaxrenorm._docs import documents
 from jaxrenorm._layers import (
     bounds_at,
+    debiased_momentum,
     is_scheduled,
     layer_input,
     normalize_layer,
@@ -126,6 +127,14 @@ class BatchNorm(nn.Module):
         as accurate as the float64 computation (on offset data float32 statistics
         cost about 1e-4 relative). The pure functions keep the dtype of the
         `batch_stats` they are given (`init_batch_stats(n, jnp.float64)`).
+      debias_running_average: keep zero-debiased running averages: each training
+        call updates with the momentum `jaxrenorm.debiased_momentum(momentum,
+        steps)` (0 on the first call) and increments an int32 `steps` counter kept
+        with the running statistics, so that after t calls they are the average of
+        the t batches' statistics weighted by (1 - m) m^(t - i), normalized to sum
+        to one: they describe the batches however short the run, not their initial
+        values. False (the default) is Flax's plain exponential average, from 0 and
+        1.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxrenorm
@@ -154,6 +163,7 @@ class BatchNorm(nn.Module):
     virtual_batch_size: int | None = None
     bessel_correction: bool = False
     batch_stats_dtype: DTypeLike | None = None
+    debias_running_average: bool = False
 
     @nn.compact
     @standard_promotion
@@ -194,6 +204,7 @@ class BatchNorm(nn.Module):
             params,
             {"mean": mean.value, "var": var.value},
             use_running_average=use_running_average,
+            momentum=self._momentum(),
             mask=mask,
             # As in Flax, the named axis need not exist while initializing, and a
             # batch of one example is fine then.
@@ -219,7 +230,29 @@ class BatchNorm(nn.Module):
         dtype = running_stats_dtype(self.batch_stats_dtype, default)
         mean = self.variable("batch_stats", "mean", jnp.zeros, layout.feature_shape, dtype)
         var = self.variable("batch_stats", "var", jnp.ones, layout.feature_shape, dtype)
+        # The counter comes with the running statistics, as in NNX's constructor. A
+        # checkpoint without `steps` (e.g. written by flax.linen.BatchNorm) counts
+        # from 0: the counter is created when the statistics are mutable, read as 0
+        # otherwise (by `_step`).
+        if self._counts_steps() and self.is_mutable_collection("batch_stats"):
+            self.variable("batch_stats", "steps", jnp.zeros, (), jnp.int32)
         return mean, var
+
+    def _counts_steps(self) -> bool:
+        """Whether the layer keeps a `steps` counter of its training calls."""
+        return self.debias_running_average
+
+    def _step(self) -> jax.Array:
+        """The number of training calls so far (0 without a counter)."""
+        if self._counts_steps() and self.has_variable("batch_stats", "steps"):
+            return step_count(self.get_variable("batch_stats", "steps"))
+        return jnp.zeros((), jnp.int32)
+
+    def _momentum(self) -> Any:
+        """This call's momentum: `momentum`, or its debiased form at the counter."""
+        if self.debias_running_average:
+            return debiased_momentum(self.momentum, self._step())
+        return self.momentum
 
     def _other_layers_statistics(self, layout: Layout) -> list[str]:
         """Normalization layers of another class, named automatically, with statistics
@@ -248,6 +281,8 @@ class BatchNorm(nn.Module):
 
     def _after_training_call(self, terms: RenormTerms | None) -> None:
         """Records what a training call leaves besides the running statistics."""
+        if self._counts_steps():
+            self.put_variable("batch_stats", "steps", self._step() + 1)
 
     def _record_input(self, moments: Moments) -> None:
         """Keeps the input's moments for `recalibrate` (see `jaxrenorm._recalibration`)."""
@@ -335,6 +370,14 @@ class BatchRenorm(BatchNorm):
         as accurate as the float64 computation (on offset data float32 statistics
         cost about 1e-4 relative). The pure functions keep the dtype of the
         `batch_stats` they are given (`init_batch_stats(n, jnp.float64)`).
+      debias_running_average: keep zero-debiased running averages: each training
+        call updates with the momentum `jaxrenorm.debiased_momentum(momentum,
+        steps)` (0 on the first call) and increments an int32 `steps` counter kept
+        with the running statistics, so that after t calls they are the average of
+        the t batches' statistics weighted by (1 - m) m^(t - i), normalized to sum
+        to one: they describe the batches however short the run, not their initial
+        values. False (the default) is Flax's plain exponential average, from 0 and
+        1.
       r_max: the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): a float or a
         schedule `step -> value` (any optax schedule) evaluated at the layer's
         `steps` counter, the number of training calls so far. Default: the paper's
@@ -382,32 +425,17 @@ class BatchRenorm(BatchNorm):
     grad_through_batch_moments: bool | str = True
     diagnostics: bool = False
 
-    def _running_statistics(self, layout: Layout):
-        statistics = super()._running_statistics(layout)
-        # The counter comes with the running statistics, as in NNX's constructor. A
-        # checkpoint without `steps` (e.g. written by flax.linen.BatchNorm) counts
-        # from 0: the counter is created when the statistics are mutable, read as 0
-        # otherwise (by `_bounds`).
-        if self._counts_steps() and self.is_mutable_collection("batch_stats"):
-            self.variable("batch_stats", "steps", jnp.zeros, (), jnp.int32)
-        return statistics
-
     def _bounds(self) -> tuple[Any, Any]:
-        step = jnp.zeros((), jnp.int32)
-        if self._counts_steps() and self.has_variable("batch_stats", "steps"):
-            step = step_count(self.get_variable("batch_stats", "steps"))
-        return bounds_at(self.r_max, self.d_max, step)
+        return bounds_at(self.r_max, self.d_max, self._step())
 
     def _after_training_call(self, terms: RenormTerms | None) -> None:
-        if self._counts_steps():
-            steps = step_count(self.get_variable("batch_stats", "steps"))
-            self.put_variable("batch_stats", "steps", steps + 1)
+        super()._after_training_call(terms)
         if self.diagnostics and terms is not None:  # a renorm training call has terms
             for name, value in renorm_diagnostics(terms).items():
                 self.sow("intermediates", name, value)
 
     def _counts_steps(self) -> bool:
-        return is_scheduled(self.r_max, self.d_max)
+        return self.debias_running_average or is_scheduled(self.r_max, self.d_max)
 
 
 @documents("linen")
@@ -490,6 +518,14 @@ class InstanceRenorm(BatchRenorm):
         as accurate as the float64 computation (on offset data float32 statistics
         cost about 1e-4 relative). The pure functions keep the dtype of the
         `batch_stats` they are given (`init_batch_stats(n, jnp.float64)`).
+      debias_running_average: keep zero-debiased running averages: each training
+        call updates with the momentum `jaxrenorm.debiased_momentum(momentum,
+        steps)` (0 on the first call) and increments an int32 `steps` counter kept
+        with the running statistics, so that after t calls they are the average of
+        the t batches' statistics weighted by (1 - m) m^(t - i), normalized to sum
+        to one: they describe the batches however short the run, not their initial
+        values. False (the default) is Flax's plain exponential average, from 0 and
+        1.
       r_max: the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): a float or a
         schedule `step -> value` (any optax schedule) evaluated at the layer's
         `steps` counter, the number of training calls so far. Default: the paper's

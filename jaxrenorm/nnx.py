@@ -30,6 +30,7 @@ from jaxrenorm._docs import documents
 from jaxrenorm._layers import (
     DIAGNOSTICS,
     bounds_at,
+    debiased_momentum,
     is_scheduled,
     layer_input,
     normalize_layer,
@@ -129,6 +130,14 @@ class BatchNorm(nnx.Module):
         as accurate as the float64 computation (on offset data float32 statistics
         cost about 1e-4 relative). The pure functions keep the dtype of the
         `batch_stats` they are given (`init_batch_stats(n, jnp.float64)`).
+      debias_running_average: keep zero-debiased running averages: each training
+        call updates with the momentum `jaxrenorm.debiased_momentum(momentum,
+        steps)` (0 on the first call) and increments an int32 `steps` counter kept
+        with the running statistics, so that after t calls they are the average of
+        the t batches' statistics weighted by (1 - m) m^(t - i), normalized to sum
+        to one: they describe the batches however short the run, not their initial
+        values. False (the default) is Flax's plain exponential average, from 0 and
+        1.
 
     Examples:
       >>> import jax, jaxrenorm
@@ -166,6 +175,7 @@ class BatchNorm(nnx.Module):
         virtual_batch_size: int | None = None,
         bessel_correction: bool = False,
         batch_stats_dtype: DTypeLike | None = None,
+        debias_running_average: bool = False,
     ):
         shape = (num_features,)
         stats_dtype = running_stats_dtype(batch_stats_dtype)
@@ -193,6 +203,11 @@ class BatchNorm(nnx.Module):
         self.virtual_batch_size = virtual_batch_size
         self.bessel_correction = bessel_correction
         self.batch_stats_dtype = batch_stats_dtype
+        self.debias_running_average = debias_running_average
+        # The training-call counter, with the running statistics (BatchRenorm adds
+        # it for scheduled bounds too).
+        counter = nnx.BatchStat(jnp.zeros((), jnp.int32)) if debias_running_average else None
+        self.steps = counter if counter is not None else nnx.data(None)
 
     @standard_promotion
     def __call__(
@@ -233,6 +248,7 @@ class BatchNorm(nnx.Module):
             params,
             {"mean": mean, "var": var},
             use_running_average=use_running_average,
+            momentum=self._momentum(),
             mask=mask,
         )
         if not use_running_average:
@@ -259,6 +275,20 @@ class BatchNorm(nnx.Module):
 
     def _after_training_call(self, terms: RenormTerms | None) -> None:
         """Records what a training call leaves besides the running statistics."""
+        if self.steps is not None:
+            # set_value, not [...] =, which would keep a float counter's dtype.
+            self.steps.set_value(step_count(self.steps[...]) + 1)
+
+    def _step(self) -> jax.Array | None:
+        """The number of training calls so far, or None without a counter."""
+        return None if self.steps is None else step_count(self.steps[...])
+
+    def _momentum(self) -> Any:
+        """This call's momentum: `momentum`, or its debiased form at the counter."""
+        step = self._step()
+        if self.debias_running_average and step is not None:
+            return debiased_momentum(self.momentum, step)
+        return self.momentum
 
     def _record_input(self, moments: Moments) -> None:
         """Keeps the input's moments for `recalibrate` (see `jaxrenorm._recalibration`)."""
@@ -348,6 +378,14 @@ class BatchRenorm(BatchNorm):
         as accurate as the float64 computation (on offset data float32 statistics
         cost about 1e-4 relative). The pure functions keep the dtype of the
         `batch_stats` they are given (`init_batch_stats(n, jnp.float64)`).
+      debias_running_average: keep zero-debiased running averages: each training
+        call updates with the momentum `jaxrenorm.debiased_momentum(momentum,
+        steps)` (0 on the first call) and increments an int32 `steps` counter kept
+        with the running statistics, so that after t calls they are the average of
+        the t batches' statistics weighted by (1 - m) m^(t - i), normalized to sum
+        to one: they describe the batches however short the run, not their initial
+        values. False (the default) is Flax's plain exponential average, from 0 and
+        1.
       r_max: the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): a float or a
         schedule `step -> value` (any optax schedule) evaluated at the layer's
         `steps` counter, the number of training calls so far. Default: the paper's
@@ -407,8 +445,8 @@ class BatchRenorm(BatchNorm):
         self.diagnostics = diagnostics
         # The counter comes with the running statistics, which the base constructor
         # has just created, as linen's `_running_statistics` creates it with them.
-        scheduled = is_scheduled(r_max, d_max)
-        self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32)) if scheduled else nnx.data(None)
+        if self.steps is None and is_scheduled(r_max, d_max):
+            self.steps = nnx.BatchStat(jnp.zeros((), jnp.int32))
         if diagnostics:
             # Created now rather than by the first training call, so that the module's
             # structure does not change then (which would retrace an `nnx.jit` step).
@@ -416,13 +454,10 @@ class BatchRenorm(BatchNorm):
             self.diagnostics_values = nnx.Intermediate(dict.fromkeys(DIAGNOSTICS, zero))
 
     def _bounds(self) -> tuple[Any, Any]:
-        step = None if self.steps is None else step_count(self.steps[...])
-        return bounds_at(self.r_max, self.d_max, step)
+        return bounds_at(self.r_max, self.d_max, self._step())
 
     def _after_training_call(self, terms: RenormTerms | None) -> None:
-        if self.steps is not None:
-            # set_value, not [...] =, which would keep a float counter's dtype.
-            self.steps.set_value(step_count(self.steps[...]) + 1)
+        super()._after_training_call(terms)
         if self.diagnostics and terms is not None:  # a renorm training call has terms
             self.diagnostics_values = nnx.Intermediate(renorm_diagnostics(terms))
 
@@ -509,6 +544,14 @@ class InstanceRenorm(BatchRenorm):
         as accurate as the float64 computation (on offset data float32 statistics
         cost about 1e-4 relative). The pure functions keep the dtype of the
         `batch_stats` they are given (`init_batch_stats(n, jnp.float64)`).
+      debias_running_average: keep zero-debiased running averages: each training
+        call updates with the momentum `jaxrenorm.debiased_momentum(momentum,
+        steps)` (0 on the first call) and increments an int32 `steps` counter kept
+        with the running statistics, so that after t calls they are the average of
+        the t batches' statistics weighted by (1 - m) m^(t - i), normalized to sum
+        to one: they describe the batches however short the run, not their initial
+        values. False (the default) is Flax's plain exponential average, from 0 and
+        1.
       r_max: the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): a float or a
         schedule `step -> value` (any optax schedule) evaluated at the layer's
         `steps` counter, the number of training calls so far. Default: the paper's

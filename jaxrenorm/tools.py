@@ -16,7 +16,7 @@ from jaxrenorm._checks import (
     check_feature_array,
     check_params,
 )
-from jaxrenorm._layers import DIAGNOSTICS
+from jaxrenorm._layers import DIAGNOSTICS, debiased_momentum
 from jaxrenorm._recalibration import PooledMoments, pool_moments, recalibrate_linen
 from jaxrenorm._xla import standard_promotion
 from jaxrenorm.typing import ArrayLike
@@ -25,6 +25,7 @@ __all__ = [
     "PooledMoments",
     "batch_dependence",
     "collect_diagnostics",
+    "debiased_momentum",
     "fold_batch_norm",
     "pool_moments",
     "recalibrate",

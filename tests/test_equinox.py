@@ -194,6 +194,49 @@ def test_debiased_variance_starts_at_zero_where_equinox_overestimates_it():
     assert float(jnp.std(y_theirs)) < 0.5  # Equinox 0.13: ~0.33
 
 
+def test_debiased_running_averages_agree_in_every_family():
+    """Equinox's mode="batch", linen's and NNX's `debias_running_average=True`, and
+    the pure function with `jaxrenorm.debiased_momentum`, against the debiased
+    average of the batches' statistics (the reference's, momentum 0)."""
+    batches = [_data((16, 3), seed=s, offset=2.0 * s) for s in range(3)]
+    m = 0.9
+    linen_layer = jaxrenorm.linen.BatchNorm(
+        use_running_average=False, momentum=m, debias_running_average=True
+    )
+    variables = linen_layer.init(jax.random.key(0), batches[0])
+    nnx_layer = jaxrenorm.nnx.BatchNorm(
+        3, momentum=m, debias_running_average=True, rngs=nnx.Rngs(0)
+    )
+    eqx_layer, state = eqx.nn.make_with_state(jeqx.BatchNorm)(3, AXIS, momentum=m)
+    pure_stats = jaxrenorm.init_batch_stats(3)
+    means, variances = [], []
+    for t, x in enumerate(batches):
+        _, upd = linen_layer.apply(variables, x, mutable=["batch_stats"])
+        variables = {**variables, **upd}
+        nnx_layer(x)
+        _, state = batched(eqx_layer)(x, state)
+        momentum = jaxrenorm.debiased_momentum(m, t)
+        _, pure_stats = jaxrenorm.batch_norm(
+            x, None, pure_stats, use_running_average=False, momentum=momentum
+        )
+        ref = reference.normalize(
+            x, np.ones(3), np.zeros(3), np.zeros(3), np.ones(3), x, momentum=0.0
+        )
+        means.append(ref.new_mean)
+        variances.append(ref.new_var)
+        want_mean, want_var = _debiased(means, m, 0), _debiased(variances, m, 0)
+        stats = variables["batch_stats"]
+        assert int(stats["steps"]) == int(nnx_layer.steps[...]) == t + 1
+        for mean, var in (
+            (stats["mean"], stats["var"]),
+            (nnx_layer.mean[...], nnx_layer.var[...]),
+            state.get(eqx_layer.state_index),
+            (pure_stats["mean"], pure_stats["var"]),
+        ):
+            np.testing.assert_allclose(mean, want_mean, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(var, want_var, rtol=1e-5)
+
+
 def test_ema_mode_starts_at_the_first_batch_then_decays():
     x1, x2 = _data((32, 2), seed=0), _data((32, 2), seed=1, offset=-3.0)
     layer, state = eqx.nn.make_with_state(jeqx.BatchNorm)(2, AXIS, momentum=0.8, mode="ema")
