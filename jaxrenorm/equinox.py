@@ -28,8 +28,9 @@ Where the layers differ from `eqx.nn.BatchNorm` (0.13), on purpose:
   then decay with `momentum`, as in Equinox, but training normalizes with the
   batch's statistics (or BatchRenorm's correction of them), as the papers and
   every other library do. Equinox's "ema" normalizes training batches with the
-  running averages, the behaviour its maintainers replaced by "batch" (equinox
-  issue 659), since gradients then ignore most of what normalizes the batch.
+  running averages, the behaviour its maintainers replaced by "batch" (its
+  deprecation warning links the discussion), since gradients then ignore most of
+  what normalizes the batch.
 - The variance is computed in one pass about a sample of the data (or two passes
   with `use_fast_variance=False`), merged exactly across the named axis, in at
   least float32: accurate on offset data, where E[x^2] - E[x]^2 is not.
