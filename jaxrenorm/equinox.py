@@ -765,17 +765,19 @@ def convert(
         new_layers,
     )
     new_state = eqx.nn.State(new_model)
-    kept = {
-        i.marker: i
-        for i in jax.tree.leaves(model, is_leaf=lambda n: isinstance(n, eqx.nn.StateIndex))
-        if isinstance(i, eqx.nn.StateIndex)
-    }
-    for index in jax.tree.leaves(new_model, is_leaf=lambda n: isinstance(n, eqx.nn.StateIndex)):
-        if isinstance(index, eqx.nn.StateIndex) and index.marker in kept:
+    kept = {index.marker: index for index in _state_indices(model)}
+    for index in _state_indices(new_model):
+        if index.marker in kept:
             new_state = new_state.set(index, state.get(kept[index.marker]))
     for layer, value in zip(new_layers, values, strict=True):
         new_state = _write(layer, new_state, value)
     return new_model, new_state
+
+
+def _state_indices(model: Any) -> list[eqx.nn.StateIndex]:
+    """The `StateIndex`es of `model`: the entries of its state."""
+    leaves = jax.tree.leaves(model, is_leaf=lambda node: isinstance(node, eqx.nn.StateIndex))
+    return [leaf for leaf in leaves if isinstance(leaf, eqx.nn.StateIndex)]
 
 
 def _is_norm(node: Any) -> bool:
