@@ -41,8 +41,9 @@ shared. `Layer` states the part the glue calls. A family provides:
 
 Equinox's layers (`jaxrenorm.equinox`) are immutable and keep what changes in the
 `eqx.nn.State` of the call: params `weight` and `bias` under Equinox's names, and
-one state entry `{"mean", "var", "steps"}` (the counter always: it also debiases
-the running averages). So their `__call__` reads the counter from the state and
+two state entries, `(mean, var)` (under Equinox's `batch_state_index` or
+`ema_state_index`) and the `steps` counter (always: it also debiases the running
+averages). So their `__call__` reads the counter from the state and
 passes `bounds` to `normalize_layer` instead of answering `_bounds`, and returns
 the new state rather than writing it back; their conversion lives beside them, as
 Equinox is an optional dependency.
@@ -59,7 +60,7 @@ import jax.numpy as jnp
 from jaxrenorm._checks import Layout, check_floating_dtype, check_layout, check_step_count
 from jaxrenorm._norm import Options, RenormTerms, _normalize
 from jaxrenorm._recalibration import Moments, input_moments, is_recording_inputs
-from jaxrenorm._xla import standard_promotion, traced_once
+from jaxrenorm._xla import traced_once
 from jaxrenorm.typing import ArrayLike, Bound
 
 
@@ -170,7 +171,6 @@ def running_stats_dtype(batch_stats_dtype: Any, default: Any = jnp.float32) -> A
     return dtype
 
 
-@standard_promotion
 def layer_input(layer: Layer, x: ArrayLike, mask: ArrayLike | None) -> tuple[jax.Array, Layout]:
     """The call's input checked against the layer's `axis`, and its layout (`check_layout`).
 
@@ -184,7 +184,6 @@ def layer_input(layer: Layer, x: ArrayLike, mask: ArrayLike | None) -> tuple[jax
     return x, layout
 
 
-@standard_promotion
 def normalize_layer(
     layer: Layer,
     x: ArrayLike,

@@ -311,7 +311,7 @@ def _gather_devices(
     it takes no tuple of axis names under `vmap`, and no groups of different
     sizes. Slots past the end of a smaller group stay zero.
     """
-    index = _device_index(axis_name)
+    index = lax.axis_index(axis_name)
     if axis_index_groups:
         position = np.zeros(sum(len(g) for g in axis_index_groups), np.int32)
         for group in axis_index_groups:
@@ -321,19 +321,6 @@ def _gather_devices(
     mine = (jnp.arange(slots) == index).reshape((slots,) + (1,) * rows[0].ndim)
     one_hot = [jnp.where(mine, r, jnp.zeros_like(r)) for r in rows]
     return _sum_devices(one_hot, axis_name, axis_index_groups)
-
-
-def _device_index(axis_name: Any) -> jax.Array:
-    """This device's position along `axis_name`, row-major over a tuple of names.
-
-    Computed name by name: `lax.axis_index` of a tuple that mixes a `vmap`'s axis
-    with a `shard_map`'s (per-example layers on each device's examples) fails.
-    """
-    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
-    index = lax.axis_index(names[0])
-    for name in names[1:]:
-        index = index * lax.axis_size(name) + lax.axis_index(name)
-    return index
 
 
 def _like(v: jax.Array, r: jax.Array) -> jax.Array:

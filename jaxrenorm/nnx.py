@@ -206,8 +206,9 @@ class BatchNorm(nnx.Module):
         self.debias_running_average = debias_running_average
         # The training-call counter, with the running statistics (BatchRenorm adds
         # it for scheduled bounds too).
-        counter = nnx.BatchStat(jnp.zeros((), jnp.int32)) if debias_running_average else None
-        self.steps = counter if counter is not None else nnx.data(None)
+        self.steps = (
+            nnx.BatchStat(jnp.zeros((), jnp.int32)) if debias_running_average else nnx.data(None)
+        )
 
     @standard_promotion
     def __call__(
