@@ -4,7 +4,8 @@ The step is what Flax's ImageNet example compiles: a ResNet-18 (here the
 CIFAR-style one, 3x3 stem, on 32x32 images) in training mode, cross-entropy,
 `value_and_grad`, an optax SGD update and the new `batch_stats`, under `jax.jit`.
 Each measurement starts from empty caches (`jax.clear_caches()`), as a fresh
-process would, and splits the time into tracing and lowering to StableHLO
+process would, with JAX's persistent compilation cache off (a cached program
+would be loaded, not compiled), and splits the time into tracing and lowering to StableHLO
 ("trace") and XLA's compilation ("XLA"). The layers take turns within each round
 (order shuffled with a fixed seed) and each cell is the median over rounds, so
 that machine noise hits them alike. The compiled step's run time (median of
@@ -27,12 +28,13 @@ proves it runs). Prints a Markdown table.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import gc
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import flax.linen as nn
 import jax
@@ -40,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.experimental.compilation_cache import compilation_cache
 
 import jaxrenorm
 
@@ -213,6 +216,19 @@ def interleaved_step_times(programs: dict, rounds: int) -> dict[str, float]:
     return {n: float(np.median(v)) for n, v in samples.items()}
 
 
+@contextlib.contextmanager
+def no_persistent_cache() -> Iterator[None]:
+    """JAX's persistent compilation cache off inside (if a directory was set), as before after."""
+    enabled = jax.config.jax_enable_compilation_cache
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # the cache reads the flag once, at its first use
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_compilation_cache", enabled)
+        compilation_cache.reset_cache()
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a narrow ResNet, one round")
@@ -227,7 +243,8 @@ def main(argv: list[str] | None = None) -> str:
         model_args, images, rounds, step_rounds = {}, (16, 32, 32, 3), args.rounds, 21
     if args.pmap:
         model += f" under jax.pmap over {jax.local_device_count()} devices (batch per device)"
-    table = run(model_args, images, rounds=rounds, step_rounds=step_rounds, pmap=args.pmap)
+    with no_persistent_cache():
+        table = run(model_args, images, rounds=rounds, step_rounds=step_rounds, pmap=args.pmap)
     report = (
         f"{model}, medians over {rounds} rounds from "
         f"empty caches; {platform.machine()}, {jax.devices()[0].device_kind}, "

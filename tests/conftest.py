@@ -30,6 +30,27 @@ _FIRST = (
 )
 
 
+def pytest_configure(config):
+    """JAX's persistent compilation cache in this checkout's `.pytest_cache/`.
+
+    Many tests compile the same program (a layer on the same shapes, the same step),
+    each under its own `jit`, and in both workers: the cache, keyed by the program,
+    the XLA flags, the devices and the jax version, compiles each once. A later run of
+    the suite in the same checkout reuses what is still valid; a fresh clone starts
+    empty. Compile times are no longer the suite's (benchmarks/compile_time.py turns
+    the cache off while it measures).
+    """
+    cache = getattr(config, "cache", None)  # None under `-p no:cacheprovider`
+    if cache is None:
+        return
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(cache.mkdir("jax-compilation-cache")))
+    # Every program, however small or quick to compile: a test's programs are.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def _rank(item) -> int:
     return next((i for i, name in enumerate(_FIRST) if name in item.nodeid), len(_FIRST))
 
