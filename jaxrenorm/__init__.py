@@ -12,8 +12,8 @@ in `jaxrenorm.equinox` (with the `equinox` extra), the r_max / d_max
 ramps in `jaxrenorm.schedules`, PyTorch conversion in `jaxrenorm.interop`, the
 types of the signatures in `jaxrenorm.typing`. The
 tools of `jaxrenorm.tools` (`recalibrate`, `pool_moments`, `fold_batch_norm`,
-`batch_dependence`, `collect_diagnostics`, `sync_batch_stats`, `debiased_momentum`)
-are exported here too.
+`batch_dependence`, `collect_diagnostics`, `sync_batch_stats`, `debiased_momentum`,
+`micro_batch_momentum`, `device_groups`) are exported here too.
 """
 
 import importlib
@@ -26,7 +26,9 @@ from jaxrenorm.tools import (
     batch_dependence,
     collect_diagnostics,
     debiased_momentum,
+    device_groups,
     fold_batch_norm,
+    micro_batch_momentum,
     pool_moments,
     recalibrate,
     sync_batch_stats,
@@ -51,11 +53,13 @@ __all__ = [
     "batch_renorm",
     "collect_diagnostics",
     "debiased_momentum",
+    "device_groups",
     "fold_batch_norm",
     "init_batch_stats",
     "instance_renorm",
     "interop",
     "linen",
+    "micro_batch_momentum",
     "moments",
     "nnx",
     "pool_moments",

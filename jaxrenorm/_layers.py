@@ -57,7 +57,14 @@ from typing import Any, Protocol
 import jax
 import jax.numpy as jnp
 
-from jaxrenorm._checks import Layout, check_floating_dtype, check_layout, check_step_count
+from jaxrenorm._checks import (
+    Layout,
+    check_floating_dtype,
+    check_layout,
+    check_positive_int,
+    check_scalar,
+    check_step_count,
+)
 from jaxrenorm._norm import Options, RenormTerms, _normalize
 from jaxrenorm._recalibration import Moments, input_moments, is_recording_inputs
 from jaxrenorm._xla import traced_once
@@ -156,6 +163,33 @@ def debiased_momentum(momentum: float, steps: ArrayLike) -> jax.Array:
         return jnp.asarray(momentum, jnp.float32)
     t = jnp.asarray(steps).astype(jnp.float32)
     return momentum * (1 - momentum**t) / (1 - momentum ** (t + 1))
+
+
+def micro_batch_momentum(momentum: float, micro_batches: int) -> float:
+    """The momentum per micro-batch that keeps the running averages' time constant
+    in optimizer steps.
+
+    With gradient accumulation over k micro-batches the running statistics are
+    updated k times per optimizer step, so a momentum m per call forgets k times
+    faster than intended. m ** (1 / k) per call decays by m per optimizer step,
+    as one update with the whole batch's statistics would.
+
+    Args:
+      momentum: the decay rate per optimizer step, in [0, 1] (Flax's convention:
+        the weight of the old value).
+      micro_batches: training calls of each layer per optimizer step, >= 1.
+
+    Returns:
+      `momentum ** (1 / micro_batches)`, a Python float for the layers' `momentum`.
+
+    Examples:
+      >>> import jaxrenorm
+      >>> round(jaxrenorm.micro_batch_momentum(0.99, 8), 6)
+      0.998744
+    """
+    check_scalar(momentum, "momentum", 0.0, 1.0)
+    check_positive_int(micro_batches, "micro_batches")
+    return float(momentum) ** (1.0 / micro_batches)
 
 
 def is_scheduled(r_max: Bound, d_max: Bound) -> bool:

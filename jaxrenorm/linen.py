@@ -11,7 +11,9 @@ is the pure function of the same name (`jaxrenorm.batch_norm`, ...).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -39,7 +41,7 @@ from jaxrenorm._recalibration import COLLECTION, Moments
 from jaxrenorm._xla import standard_promotion
 from jaxrenorm.typing import ArrayLike, Axes, Bound, DTypeLike
 
-__all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm", "convert_variables"]
+__all__ = ["BatchNorm", "BatchRenorm", "InstanceRenorm", "convert_variables", "frozen_statistics"]
 
 Initializer = Callable[..., jax.Array]
 
@@ -628,3 +630,78 @@ def convert_variables(variables: Any, target: Any) -> Any:
       ['mean', 'steps', 'var']
     """
     return convert_tree(variables, target)
+
+
+@contextlib.contextmanager
+def frozen_statistics(*paths: str) -> Iterator[None]:
+    """Serves `use_running_average=True` to the normalization layers under `paths`.
+
+    For fine-tuning with some layers' statistics frozen, without editing the
+    model: inside the context, every `flax.linen.BatchNorm` and every layer of
+    this module whose path (the names of its scopes joined by "/", e.g.
+    `"backbone/BatchNorm_0"`) or the path of a module that contains it matches
+    one of `paths` in full (a regular expression) normalizes with its running
+    statistics and leaves them (and BatchRenorm's `steps`) as they are, whatever
+    its `use_running_average` field or call argument says. Other layers train as
+    usual. Without `paths`, every layer is frozen. Built on
+    `flax.linen.intercept_methods`.
+
+    The context acts while a model is *traced*: enter it inside the function
+    that `jax.jit` compiles (or use it as that function's decorator), since a
+    jitted function already compiled is not traced again when it is called inside
+    the context.
+
+    Args:
+      *paths: regular expressions, each matched in full against the paths of the
+        layers and of the modules above them, e.g. `"backbone"` or
+        `"blocks_[0-2]"`.
+
+    Raises:
+      TypeError: if a path is not a string.
+      ValueError: if a path is not a valid regular expression.
+
+    Examples:
+      >>> import flax.linen as nn, jax, jax.numpy as jnp, jaxrenorm
+      >>> class Net(nn.Module):
+      ...     @nn.compact
+      ...     def __call__(self, x):
+      ...         x = jaxrenorm.linen.BatchRenorm(use_running_average=False, name="backbone")(x)
+      ...         return jaxrenorm.linen.BatchRenorm(use_running_average=False, name="head")(x)
+      >>> x = jnp.arange(8.0).reshape(4, 2)
+      >>> variables = Net().init(jax.random.key(0), x)
+      >>> with jaxrenorm.linen.frozen_statistics("backbone"):
+      ...     _, updates = Net().apply(variables, x, mutable=["batch_stats"])
+      >>> [int(updates["batch_stats"][name]["steps"]) for name in ("backbone", "head")]
+      [0, 1]
+    """
+    for path in paths:
+        if not isinstance(path, str):
+            raise TypeError(f"frozen_statistics: paths must be strings, got {path!r}")
+        try:
+            re.compile(path)
+        except re.error as e:
+            raise ValueError(f"frozen_statistics: {path!r} is not a regular expression: {e}") from e
+    # A layer's path, or one of its modules' paths, matches when the pattern matches
+    # a prefix of whole names.
+    frozen = re.compile("|".join(f"(?:{p})(?:/.*)?" for p in paths) or ".*")
+
+    def freeze(next_fun, args, kwargs, context):
+        layer = context.module
+        if (
+            context.method_name != "__call__"
+            or not isinstance(layer, BatchNorm | nn.BatchNorm)
+            or not frozen.fullmatch("/".join(layer.path))
+        ):
+            return next_fun(*args, **kwargs)
+        # The layers merge the field with the call's argument and refuse both set:
+        # the field says True for this call, the argument is dropped.
+        args, kwargs = args[:1], {k: v for k, v in kwargs.items() if k != "use_running_average"}
+        field = layer.use_running_average
+        object.__setattr__(layer, "use_running_average", True)
+        try:
+            return next_fun(*args, **kwargs)
+        finally:
+            object.__setattr__(layer, "use_running_average", field)
+
+    with nn.intercept_methods(freeze):
+        yield

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import cast
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from jaxrenorm._checks import check_positive_int, check_ramp, check_scalar
@@ -22,6 +23,7 @@ __all__ = [
     "PAPER_D_MAX",
     "PAPER_R_MAX",
     "d_max_schedule",
+    "in_optimizer_steps",
     "r_max_schedule",
     "scaled_paper_schedules",
 ]
@@ -114,7 +116,7 @@ The default `d_max` of the `BatchRenorm` and `InstanceRenorm` modules.
 
 
 def scaled_paper_schedules(
-    total_steps: int, r_max: float = 3.0, d_max: float = 5.0
+    total_steps: int, r_max: float = 3.0, d_max: float = 5.0, *, micro_batches: int = 1
 ) -> tuple[Schedule, Schedule]:
     """The paper's ramps, scaled to a run of `total_steps` steps.
 
@@ -122,10 +124,16 @@ def scaled_paper_schedules(
     (1/8 of the way), d_max at its final value at 25,000 (5/8) and r_max at 40,000
     (the end). This keeps those proportions for a run of any length.
 
+    A layer's schedule reads its `steps` counter, which counts training calls. With
+    gradient accumulation, each optimizer step calls the layer once per micro-batch
+    (`optax.MultiSteps` or a loop over micro-batches): pass `micro_batches` and the
+    milestones fall at the same optimizer steps.
+
     Args:
-      total_steps: the number of training steps of the run, >= 1.
+      total_steps: the number of training (optimizer) steps of the run, >= 1.
       r_max: the final r_max, reached at the last step, >= 1.
       d_max: the final d_max, reached at 5/8 of the run, >= 0.
+      micro_batches: training calls of each layer per step, >= 1.
 
     Returns:
       `(r_max_schedule, d_max_schedule)`, for `BatchRenorm(r_max=..., d_max=...)`.
@@ -139,10 +147,44 @@ def scaled_paper_schedules(
       [0.0, 2.5, 5.0]
     """
     check_positive_int(total_steps, "total_steps")
+    check_positive_int(micro_batches, "micro_batches")
     check_scalar(r_max, "r_max", 1.0)
     check_scalar(d_max, "d_max", 0.0)
+    total_steps *= micro_batches
     begin = total_steps // 8
     return (
         r_max_schedule(r_max, begin=begin, end=total_steps),
         d_max_schedule(d_max, begin=begin, end=(5 * total_steps) // 8),
     )
+
+
+def in_optimizer_steps(schedule: Schedule, micro_batches: int) -> Schedule:
+    """`schedule`, laid out in optimizer steps, for a layer called `micro_batches` times
+    per step.
+
+    With gradient accumulation over k micro-batches a layer's `steps` counter
+    advances k times per optimizer step; this schedule reads the counter t as
+    optimizer step t // k, so that `PAPER_R_MAX`, an optax schedule or any
+    function of the step keeps its milestones in optimizer steps.
+
+    Args:
+      schedule: a function of the (optimizer) step, e.g. `PAPER_R_MAX`.
+      micro_batches: training calls of each layer per optimizer step, >= 1.
+
+    Returns:
+      The schedule of the layer's counter: `schedule(count // micro_batches)`.
+
+    Examples:
+      >>> from jaxrenorm import schedules
+      >>> r = schedules.in_optimizer_steps(schedules.r_max_schedule(3.0, 0, 10), 4)
+      >>> [round(float(r(t)), 2) for t in (0, 3, 4, 40)]
+      [1.0, 1.0, 1.2, 3.0]
+    """
+    if not callable(schedule):
+        raise TypeError(f"in_optimizer_steps: schedule must be callable, got {schedule!r}")
+    check_positive_int(micro_batches, "micro_batches")
+
+    def per_call(count: ArrayLike) -> jax.Array:
+        return jnp.asarray(schedule(jnp.asarray(count) // micro_batches))
+
+    return per_call

@@ -15,8 +15,9 @@ from jaxrenorm._checks import (
     check_batch_stats,
     check_feature_array,
     check_params,
+    check_positive_int,
 )
-from jaxrenorm._layers import DIAGNOSTICS, debiased_momentum
+from jaxrenorm._layers import DIAGNOSTICS, debiased_momentum, micro_batch_momentum
 from jaxrenorm._recalibration import PooledMoments, pool_moments, recalibrate_linen
 from jaxrenorm._xla import standard_promotion
 from jaxrenorm.typing import ArrayLike
@@ -26,7 +27,9 @@ __all__ = [
     "batch_dependence",
     "collect_diagnostics",
     "debiased_momentum",
+    "device_groups",
     "fold_batch_norm",
+    "micro_batch_momentum",
     "pool_moments",
     "recalibrate",
     "sync_batch_stats",
@@ -311,3 +314,44 @@ def sync_batch_stats(batch_stats: Any, axis_name: Any, *, axis_index_groups: Any
         return jax.lax.pmean(leaf, axis_name, axis_index_groups=axis_index_groups)
 
     return jax.tree_util.tree_map(sync, batch_stats)
+
+
+def device_groups(num_devices: int, devices_per_group: int) -> list[list[int]]:
+    """`axis_index_groups` that split `num_devices` devices into groups of consecutive ones.
+
+    For statistics over a fixed number of examples whatever the number of devices:
+    with b examples per device and a target of n examples per statistics group,
+    `devices_per_group = n // b`; pass the result as the layers' (and
+    `lax.pmean`'s) `axis_index_groups`. `devices_per_group = num_devices` is one
+    group of all (the same as no groups), 1 is each device alone.
+
+    Args:
+      num_devices: the size of the mapped axis (e.g. `jax.local_device_count()`
+        under `pmap`), >= 1.
+      devices_per_group: the devices whose examples share statistics, >= 1, a
+        divisor of `num_devices` (`lax.psum` needs groups of equal size).
+
+    Returns:
+      `[[0, ..., g - 1], [g, ..., 2g - 1], ...]` with g = `devices_per_group`.
+
+    Raises:
+      ValueError: if either is not a positive int, or `devices_per_group` does not
+        divide `num_devices`.
+
+    Examples:
+      >>> import jaxrenorm
+      >>> jaxrenorm.device_groups(8, 4)
+      [[0, 1, 2, 3], [4, 5, 6, 7]]
+    """
+    check_positive_int(num_devices, "num_devices")
+    check_positive_int(devices_per_group, "devices_per_group")
+    if num_devices % devices_per_group:
+        divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
+        raise ValueError(
+            f"`devices_per_group` ({devices_per_group}) must divide `num_devices` "
+            f"({num_devices}): groups of equal size; divisors of {num_devices}: {divisors}."
+        )
+    devices = range(num_devices)
+    return [
+        list(devices[i : i + devices_per_group]) for i in range(0, num_devices, devices_per_group)
+    ]

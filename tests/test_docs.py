@@ -128,7 +128,7 @@ def test_every_argument_is_documented_in_plain_text(name, obj):
         documented.append((obj.__call__, _parameters(obj.__call__)))
     for target, arguments in documented:
         doc = inspect.getdoc(target)
-        missing = [a for a in arguments if not re.search(rf"^\s+(\*\*)?{a}:", doc, flags=re.M)]
+        missing = [a for a in arguments if not re.search(rf"^\s+(\*{{1,2}})?{a}:", doc, flags=re.M)]
         assert not missing, f"{name}: no description of {missing}"
         for latex in ("```math", "\\frac", "$`", "\\sqrt"):
             assert latex not in doc, f"{name}: LaTeX ({latex}) in a docstring"
