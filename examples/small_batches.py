@@ -173,7 +173,7 @@ def initial_variables(norm, data, seeds: np.ndarray):
     return jax.vmap(lambda seed: CNN(norm).init(jax.random.key(seed), x, train=False))(seeds)
 
 
-def trainer(norm, data, steps: int):
+def trainer(norm, data, steps: int, micro_batches: int = 1):
     """A jitted function (variables, indices) -> (test accuracies, late clipping
     diagnostics, rho), the variables from `initial_variables`.
 
@@ -181,6 +181,9 @@ def trainer(norm, data, steps: int):
     (NaN without any).
 
     One model per seed, trained side by side under vmap; each run is one lax.scan.
+    With `micro_batches` k > 1, each step accumulates the gradients of k
+    micro-batches of BATCH / k examples (a `lax.scan`), each normalized with its
+    own statistics and each updating the running statistics, and applies their mean.
     """
     x_train, x_test, y_train, y_test = (jnp.asarray(a) for a in data)
     model = CNN(norm)
@@ -189,8 +192,8 @@ def trainer(norm, data, steps: int):
     def run(variables, idx):
         params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
-        def step(carry, batch_idx):
-            params, state, opt = carry
+        def gradients(params, state, batch_idx):
+            """The gradients of one batch's loss, the new state, the batch's diagnostics."""
             x, y = x_train[batch_idx], y_train[batch_idx]
 
             def loss_fn(params):
@@ -204,8 +207,6 @@ def trainer(norm, data, steps: int):
                 return loss, upd
 
             grads, upd = jax.grad(loss_fn, has_aux=True)(params)
-            updates, opt = tx.update(grads, opt, params)
-            new_state = {k: upd[k] for k in state}
             diag = jaxrenorm.collect_diagnostics(upd.get("intermediates", {}))
             summary = (
                 {
@@ -215,7 +216,23 @@ def trainer(norm, data, steps: int):
                 if diag
                 else {}
             )
-            return (optax.apply_updates(params, updates), new_state, opt), summary
+            return grads, {k: upd[k] for k in state}, summary
+
+        def step(carry, batch_idx):
+            params, state, opt = carry
+            if micro_batches == 1:
+                grads, state, summary = gradients(params, state, batch_idx)
+            else:
+
+                def micro(state, micro_idx):
+                    grads, state, summary = gradients(params, state, micro_idx)
+                    return state, (grads, summary)
+
+                micro_idx = batch_idx.reshape(micro_batches, -1)
+                state, (grads, summary) = jax.lax.scan(micro, state, micro_idx)
+                grads, summary = jax.tree.map(lambda a: a.mean(0), (grads, summary))
+            updates, opt = tx.update(grads, opt, params)
+            return (optax.apply_updates(params, updates), state, opt), summary
 
         (params, state, _), diag = jax.lax.scan(step, (params, state, tx.init(params)), idx)
         logits = model.apply({"params": params, **state}, x_test, train=False)
