@@ -72,6 +72,24 @@ def test_small_batches_quick(tmp_path, monkeypatch, capsys):
     assert "Not compared with the published table" in out and "this run 150" in out
 
 
+def test_accumulation_quick(tmp_path, monkeypatch, capsys):
+    out = _run_example(
+        "accumulation.py",
+        "--quick",
+        "--out-dir",
+        str(tmp_path),
+        monkeypatch=monkeypatch,
+        capsys=capsys,
+    )
+    table = (tmp_path / "accumulation.md").read_text()
+    assert table.strip() in out
+    assert table.startswith("| method | one batch of 32 | 8 x 4, as is | 8 x 4, helpers |")
+    row = re.search(r"^\| BatchRenorm \| (.*) \|$", table, flags=re.M)
+    cells = row.group(1).split(" | ")
+    assert len(cells) == 3 and all(re.fullmatch(r"\d+\.\d ± \d+\.\d", c) for c in cells), row
+    assert "30 optimizer steps of 32 examples" in table
+
+
 def test_small_batches_compares_a_run_with_the_published_table(monkeypatch):
     small_batches = _example("small_batches", monkeypatch)
     published = small_batches.PUBLISHED.read_text()
