@@ -8,6 +8,7 @@ concrete Python values, so they cost nothing in the compiled program.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -250,6 +251,35 @@ def check_positive_int(value: Any, name: str) -> None:
     """Raises unless `value` is a positive Python or NumPy int (not a bool or a float)."""
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1:
         raise ValueError(f"`{name}` must be a positive int, got {value!r}.")
+
+
+def check_divisor(value: int, total: int, name: str, total_name: str) -> None:
+    """Raises unless the positive int `value` divides `total` (groups of equal size)."""
+    if total % value:
+        divisors = [d for d in range(1, total + 1) if total % d == 0]
+        raise ValueError(
+            f"`{name}` ({value}) must divide `{total_name}` ({total}): groups of equal "
+            f"size; divisors of {total}: {divisors}."
+        )
+
+
+def check_schedule(schedule: Any, name: str) -> None:
+    """Raises unless `schedule` is callable (a function of the step)."""
+    if not callable(schedule):
+        raise TypeError(f"`{name}` must be a schedule (a function of the step), got {schedule!r}.")
+
+
+def check_path_patterns(patterns: Sequence[Any], caller: str) -> None:
+    """Raises unless every pattern is a string that compiles as a regular expression."""
+    for pattern in patterns:
+        if not isinstance(pattern, str):
+            raise TypeError(
+                f"{caller}: the paths must be strings (regular expressions), got {pattern!r}."
+            )
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ValueError(f"{caller}: {pattern!r} is not a regular expression: {e}.") from e
 
 
 def check_renorm(r_max: Any, d_max: Any, dtype: jnp.dtype, caller: str) -> None:

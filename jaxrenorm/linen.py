@@ -23,7 +23,7 @@ from flax.linen import initializers
 from flax.linen.module import merge_param
 
 from jaxrenorm import schedules
-from jaxrenorm._checks import Layout, check_statistics_present
+from jaxrenorm._checks import Layout, check_path_patterns, check_statistics_present
 from jaxrenorm._conversion import automatic_norm_names, convert_tree
 from jaxrenorm._docs import documents
 from jaxrenorm._layers import (
@@ -674,13 +674,7 @@ def frozen_statistics(*paths: str) -> Iterator[None]:
       >>> [int(updates["batch_stats"][name]["steps"]) for name in ("backbone", "head")]
       [0, 1]
     """
-    for path in paths:
-        if not isinstance(path, str):
-            raise TypeError(f"frozen_statistics: paths must be strings, got {path!r}")
-        try:
-            re.compile(path)
-        except re.error as e:
-            raise ValueError(f"frozen_statistics: {path!r} is not a regular expression: {e}") from e
+    check_path_patterns(paths, "frozen_statistics")
     # A layer's path, or one of its modules' paths, matches when the pattern matches
     # a prefix of whole names.
     frozen = re.compile("|".join(f"(?:{p})(?:/.*)?" for p in paths) or ".*")

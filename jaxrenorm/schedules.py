@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxrenorm._checks import check_positive_int, check_ramp, check_scalar
+from jaxrenorm._checks import check_positive_int, check_ramp, check_scalar, check_schedule
 from jaxrenorm.typing import ArrayLike, Schedule
 
 __all__ = [
@@ -180,8 +180,7 @@ def in_optimizer_steps(schedule: Schedule, micro_batches: int) -> Schedule:
       >>> [round(float(r(t)), 2) for t in (0, 3, 4, 40)]
       [1.0, 1.0, 1.2, 3.0]
     """
-    if not callable(schedule):
-        raise TypeError(f"in_optimizer_steps: schedule must be callable, got {schedule!r}")
+    check_schedule(schedule, "schedule")
     check_positive_int(micro_batches, "micro_batches")
 
     def per_call(count: ArrayLike) -> jax.Array:

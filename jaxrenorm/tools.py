@@ -13,6 +13,7 @@ from jaxrenorm._checks import (
     check_batch_dependence_input,
     check_batch_dependence_output,
     check_batch_stats,
+    check_divisor,
     check_feature_array,
     check_params,
     check_positive_int,
@@ -345,12 +346,7 @@ def device_groups(num_devices: int, devices_per_group: int) -> list[list[int]]:
     """
     check_positive_int(num_devices, "num_devices")
     check_positive_int(devices_per_group, "devices_per_group")
-    if num_devices % devices_per_group:
-        divisors = [d for d in range(1, num_devices + 1) if num_devices % d == 0]
-        raise ValueError(
-            f"`devices_per_group` ({devices_per_group}) must divide `num_devices` "
-            f"({num_devices}): groups of equal size; divisors of {num_devices}: {divisors}."
-        )
+    check_divisor(devices_per_group, num_devices, "devices_per_group", "num_devices")
     devices = range(num_devices)
     return [
         list(devices[i : i + devices_per_group]) for i in range(0, num_devices, devices_per_group)

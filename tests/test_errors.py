@@ -259,7 +259,18 @@ def _torch_sd(n_weight=4, n_stats=4, **extra):
 _KEY = jax.random.key(0)
 _AFFINE = {"scale": jnp.ones(4), "bias": jnp.zeros(4)}
 
+
 # Each row's ways of raising it, through the public API.
+def _frozen_statistics(path):
+    """Entering `frozen_statistics(path)`, where its checks run."""
+
+    def enter():
+        with jaxrenorm.linen.frozen_statistics(path):
+            pass
+
+    return enter
+
+
 TRIGGERS = {
     "not-floating-array": [
         _bn(x=jnp.zeros((8, 4), jnp.uint8)),
@@ -303,6 +314,7 @@ TRIGGERS = {
         _bn(momentum=99),
         lambda: interop.momentum_from_torch(10),
         lambda: interop.momentum_to_torch(-0.1),
+        lambda: jaxrenorm.micro_batch_momentum(1.5, 2),
     ],
     "epsilon-negative": [_bn(epsilon=-1e-5)],
     "r-max-below-one": [
@@ -330,6 +342,9 @@ TRIGGERS = {
     "not-a-positive-int": [
         _bn(virtual_batch_size=0),
         lambda: schedules.scaled_paper_schedules(1e5),
+        lambda: jaxrenorm.micro_batch_momentum(0.9, 0),
+        lambda: schedules.in_optimizer_steps(schedules.PAPER_R_MAX, 2.0),
+        lambda: jaxrenorm.device_groups(8, 0),
     ],
     "virtual-batch-axis0-feature": [
         _bn(axis=0, stats=jaxrenorm.init_batch_stats(8), virtual_batch_size=2)
@@ -359,6 +374,10 @@ TRIGGERS = {
     ],
     "state-dict-shape-mismatch": [lambda: interop.from_torch_batch_norm(_torch_sd(n_weight=3))],
     "schedule-begin-end": [lambda: schedules.d_max_schedule(begin=10, end=5)],
+    "schedule-not-callable": [lambda: schedules.in_optimizer_steps(3.0, 4)],
+    "device-groups-indivisible": [lambda: jaxrenorm.device_groups(8, 3)],
+    "frozen-path-not-string": [_frozen_statistics(("backbone", "norm"))],
+    "frozen-path-not-regex": [_frozen_statistics("blocks_[0-2")],
     "schedule-final": [
         lambda: schedules.r_max_schedule(final=0.5),
         lambda: schedules.d_max_schedule(final=-1.0),

@@ -162,7 +162,7 @@ def test_schedules_in_optimizer_steps():
         jaxrenorm.schedules.scaled_paper_schedules(10, micro_batches=0)
     with pytest.raises(ValueError, match="micro_batches"):
         jaxrenorm.schedules.in_optimizer_steps(per_step[0], 1.5)  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="callable"):
+    with pytest.raises(TypeError, match="must be a schedule"):
         jaxrenorm.schedules.in_optimizer_steps(3.0, 2)  # type: ignore[arg-type]
 
 
@@ -235,7 +235,7 @@ def test_frozen_statistics_freezes_the_layers_under_the_paths_in_linen():
         one["batch_stats"]["backbone"]["BatchRenorm_0"]["mean"],
         variables["batch_stats"]["backbone"]["BatchRenorm_0"]["mean"],
     )
-    with pytest.raises(TypeError, match="paths must be strings"):
+    with pytest.raises(TypeError, match="the paths must be strings"):
         with jaxrenorm.linen.frozen_statistics(3):  # type: ignore[arg-type]
             pass
     with pytest.raises(ValueError, match="not a regular expression"):
