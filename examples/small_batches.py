@@ -27,7 +27,7 @@ BatchRenorm's clipping was active late in training, and the learned
 InstanceRenorm gates. Then it compares its table, cell by cell, with the
 published one (`examples/results/small_batches.md`, the table README shows),
 which a run never overwrites unless it is given `--out-dir examples/results`.
-Default: 3 seeds x 1,500 steps, 2 to 4 minutes on a 2-core x86-64 CPU;
+Default: 3 seeds x 1,500 steps (the time it took ends the table's caption);
 `--quick` (1 seed, 150 steps, the two settings with groups of 4) is a smoke
 test of about 30 seconds.
 

@@ -132,3 +132,61 @@ def test_every_argument_is_documented_in_plain_text(name, obj):
         assert not missing, f"{name}: no description of {missing}"
         for latex in ("```math", "\\frac", "$`", "\\sqrt"):
             assert latex not in doc, f"{name}: LaTeX ({latex}) in a docstring"
+
+
+# --- figures quoted on more than one page -------------------------------------------
+
+ROOT = DOCS.parent
+_DEFAULT_VARIANCE = r"\| shifted, one copy of k per reduction \(default\) \| "
+# A figure quoted in prose is followed by `<!--figure:NAME-->` (invisible on the
+# site and on GitHub); NAME's source is the results file that holds it.
+FIGURE_SOURCES = {
+    "small-batches-time": ("examples/results/small_batches.md", r"jax [\d.]+, (\d+ s)\n"),
+    "accumulation-time": ("examples/results/accumulation.md", r"jax [\d.]+, (\d+ s)\n"),
+    "variance-cost-conv": ("docs/benchmarks.md", _DEFAULT_VARIANCE + r"([\d.\u2013]+x) \|"),
+    "variance-cost-dense": (
+        "docs/benchmarks.md",
+        _DEFAULT_VARIANCE + r"[\d.\u2013]+x \| ([\d.\u2013]+x) \|",
+    ),
+}
+RESULTS = sorted((ROOT / "examples" / "results").glob("*.md"))
+QUOTING = [*PAGES, ROOT / "README.md", *sorted((ROOT / "examples").glob("*.py"))]
+
+
+def _source_value(name: str) -> str:
+    path, pattern = FIGURE_SOURCES[name]
+    found = re.search(pattern, (ROOT / path).read_text())
+    assert found, f"{path} no longer holds the figure {name!r} ({pattern})"
+    return found.group(1)
+
+
+@pytest.mark.parametrize("path", QUOTING, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_quoted_figures_are_what_their_sources_hold(path):
+    """Every marked figure equals its source's; every accuracy "mean ± std" quoted
+    is a cell of a results file; a run time of the experiments or a cost of the
+    default variance quoted in prose carries a marker."""
+    text = path.read_text()
+    for marked in re.finditer(r"<!--figure:([\w-]+)-->", text):
+        name = marked.group(1)
+        assert name in FIGURE_SOURCES, f"{path.name}: unknown figure {name!r}"
+        value = _source_value(name)
+        assert text[: marked.start()].endswith(value), (
+            f"{path.name} quotes {text[marked.start() - 20 : marked.start()]!r} "
+            f"as {name}; its source holds {value!r}"
+        )
+    results = "\n".join(r.read_text() for r in RESULTS)
+    if "results" not in path.parts:
+        for quoted in re.findall(r"\d+\.\d ± \d+\.\d", text):
+            assert quoted in results, f"{path.name} quotes {quoted}, which no results file holds"
+    # Paragraphs, list items and table rows, each on its own.
+    for paragraph in re.split(r"\n\s*\n|\n(?=\s*(?:- |\|))", text):
+        unmarked = re.sub(r"[^\s|]+<!--figure:[\w-]+-->", "", paragraph)
+        if re.search(r"small_batches\.py|accumulation\.py", unmarked):
+            duration = re.search(r"\b\d+(?:[.,]\d+)?\s?(?:s|min|minutes)\b(?! of)", unmarked)
+            assert not duration, f"{path.name}: an unmarked run time: {duration.group(0)!r}"
+        # The cost of the default variance (compile times are another matter).
+        talks_cost = all(re.search(rf"\b{w}", unmarked) for w in ("variance", "cost"))
+        talks_cost = talks_cost and "compile" not in unmarked
+        if talks_cost and not paragraph.lstrip().startswith("|"):
+            ratio = re.search(r"\b\d\.\d+(?:[\u2013-]\d\.\d+)?x\b", unmarked)
+            assert not ratio, f"{path.name}: an unmarked variance cost: {ratio.group(0)!r}"
