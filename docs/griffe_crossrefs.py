@@ -29,8 +29,8 @@ def _link(obj: griffe.Object, pkg: griffe.Module) -> None:
     if obj.docstring is not None:
         obj.docstring.value = NAME.sub(lambda m: _reference(m, pkg), obj.docstring.value)
     for member in obj.members.values():
-        if not member.is_alias and not member.name.startswith("__"):
-            _link(member, pkg)
+        if not member.is_alias and (member.is_function or not member.name.startswith("__")):
+            _link(member, pkg)  # a method's too: `__call__` is on the page
 
 
 def _reference(match: re.Match, pkg: griffe.Module) -> str:

@@ -6,7 +6,9 @@ on to its base class's (the NNX `BatchRenorm` and `InstanceRenorm`), the
 signature shows the base's arguments in their place, with their types and
 defaults, as the argument section describes them. And the linen modules, which
 Flax turns into dataclasses at run time, get the constructor signature of their
-fields.
+fields, whose defaults the argument sections then show as the NNX ones do. A name
+a module imports through another private module (`Axes` in `jaxrenorm._norm`,
+from `jaxrenorm._checks`, from `jaxrenorm.typing`) links to where it is defined.
 """
 
 from __future__ import annotations
@@ -19,10 +21,44 @@ import griffe
 class RuntimeSignatures(griffe.Extension):
     def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
         if pkg.name == "jaxrenorm":
+            _link_through_imports(pkg, pkg)
             _spell_out_kwargs(pkg)
             for cls in pkg["linen"].classes.values():
                 if not cls.name.startswith("_"):
                     _dataclass_signature(cls)
+
+
+def _link_through_imports(obj: griffe.Object, pkg: griffe.Module) -> None:
+    """Points each name in a signature at the object it finally names: griffe links a
+    name by the path of its module's import, which may be another import."""
+    for member in obj.members.values():
+        if member.is_alias:
+            continue
+        if member.is_module or member.is_class:
+            _link_through_imports(member, pkg)
+        elif member.is_function:
+            annotations = [p.annotation for p in member.parameters] + [member.returns]
+            for annotation in annotations:
+                if isinstance(annotation, griffe.Expr):
+                    for part in annotation.iterate(flat=True):
+                        if isinstance(part, griffe.ExprName):
+                            _relink(part, pkg)
+
+
+def _relink(name: griffe.ExprName, pkg: griffe.Module) -> None:
+    # Follows the imports by their paths, resolving nothing: a resolved private
+    # alias would be listed in objects.inv.
+    path, hops = name.canonical_path, 0
+    while path.startswith("jaxrenorm."):
+        try:
+            target = pkg[path.removeprefix("jaxrenorm.")]
+        except (KeyError, griffe.AliasResolutionError):
+            return
+        if not target.is_alias:
+            if hops and target.name == name.name:
+                name.parent = target.parent  # where the name is defined
+            return
+        path, hops = target.target_path, hops + 1
 
 
 def _spell_out_kwargs(obj: griffe.Object) -> None:

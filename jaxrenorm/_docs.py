@@ -2,10 +2,15 @@
 
 The pure functions, the linen modules and the NNX modules share most of their
 arguments (`axis`, `momentum`, `virtual_batch_size`, ...). Each is described once
-here, in `ARGUMENTS`, and the `Args:` (functions, NNX constructors) or
-`Attributes:` (linen fields) section of every object marked `@documents(...)` is
-written from these descriptions, in the order of the signature, into the source
-itself: a reader of the source sees what `help()`, IDEs and the API pages show.
+here, in `ARGUMENTS`, and the `Args:` section (a function's parameters, a linen
+module's fields, an NNX or Equinox constructor's arguments) of every object
+marked `@documents(...)` is written from these descriptions, in the order of the
+signature, into the source itself: a reader of the source sees what `help()`,
+IDEs and the API pages show. A layer lists the arguments it adds over its base
+class first, then those of each base class under a titled section,
+`Args: Inherited from BatchNorm:`, which the API pages show like the first, each
+argument with its type, default and anchor.
+
 After editing a description or a signature, run
 
     python -c "import jaxrenorm._docs as d; d.write_sections()"
@@ -249,22 +254,18 @@ ARGUMENTS: dict[str, str | dict[str, str]] = {
         ),
     },
     "grad_through_batch_moments": (
-        "True (the paper) differentiates through the batch mean and variance. False "
-        "treats them as constants in the backward pass (the forward pass is "
-        "unchanged): the gradient is then that of the affine map "
-        "y = scale * r / s_B * x + ..., which no longer removes the directions that "
-        "move a whole statistics group together. Use it when the groups that provide "
-        "the statistics are not representative (e.g. each holds one class), with a "
-        "BatchNorm warm-up, since nothing then stops the layer's input from drifting "
-        'in scale or offset. "adaptive" (with `virtual_batch_size`, for groups '
-        "whose kind is not known in advance) scales the gradient through each "
-        "group's moments, per feature, by exp(-max(F - 1, 0)), with F the one-way "
-        "ANOVA F statistic of the call's groups of n values, "
-        "n * s_b^2 / (s_w^2 + epsilon) (s_b^2 the unbiased variance of the group "
-        "means, s_w^2 the mean unbiased variance within the groups): about 1 when "
-        "the groups are samples of one distribution (the paper's gradient), large "
-        "when each group holds its own kind of data (then as with False). With one "
-        "group it is the paper's gradient."
+        "how the gradient flows through the batch's (or each virtual group's) mean "
+        "and variance; the forward pass is the same. True: the paper's gradient. "
+        "False: the group moments are constants in the backward pass, for groups "
+        "known not to represent the data (e.g. each holds one class), after a "
+        'BatchNorm warm-up. "adaptive": per feature, the gradient through the group '
+        "moments weighted by exp(-max(F - 1, 0)), F = n s_b^2 / (s_w^2 + epsilon) "
+        "the one-way ANOVA F statistic of the call's virtual groups (s_b^2 the "
+        "unbiased variance of the group means, s_w^2 the mean unbiased variance "
+        "within the groups of n values): the paper's gradient where the groups "
+        "agree, almost none where they differ. It needs `virtual_batch_size` "
+        "smaller than the batch; with one group it is the paper's gradient. The "
+        "math: [Concepts, Batch Renormalization](../concepts.md#batch-renormalization)."
     ),
     "diagnostics": {
         "equinox": (
@@ -299,8 +300,9 @@ ARGUMENTS: dict[str, str | dict[str, str]] = {
     },
     "debias_running_average": (
         "keep zero-debiased running averages: each training call updates with the "
-        "momentum `jaxrenorm.debiased_momentum(momentum, steps)` (0 on the first call) "
-        "and increments an int32 `steps` counter kept with the running statistics, so "
+        "momentum `debiased_momentum(momentum, steps)` (0 on the first call; see "
+        "`jaxrenorm.debiased_momentum`) and increments an int32 `steps` counter kept "
+        "with the running statistics, so "
         "that after t calls they are the average of the t batches' statistics "
         "weighted by (1 - m) m^(t - i), normalized to sum to one: they describe the "
         "batches however short the run, not their initial values. False (the "
@@ -346,11 +348,10 @@ _NOT_DOCUMENTED = {"self", "parent", "name"}
 def documents(family: str, **specific: str) -> Callable[[T], T]:
     """Marks an object whose argument section is written from `ARGUMENTS`.
 
-    `family` is "pure" (a function: an `Args:` section from its signature),
-    "linen" (a module: an `Attributes:` section from its dataclass fields) or
-    "nnx" (a module: an `Args:` section from the constructors of its classes).
-    `specific` overrides a description for this object. The docstring is left as
-    written: `write_sections` writes the section into the source.
+    `family` is "pure" (a function: its signature), "linen" (a module: its
+    dataclass fields), "nnx" or "equinox" (a module: the constructors of its
+    classes). `specific` overrides a description for this object. The docstring
+    is left as written: `write_sections` writes the section into the source.
     """
 
     def mark(obj: T) -> T:
@@ -361,23 +362,30 @@ def documents(family: str, **specific: str) -> Callable[[T], T]:
 
 
 def documented_docstring(obj: Any) -> str:
-    """`obj`'s docstring (as `inspect.cleandoc` shows it) with its argument section as written
-    from `ARGUMENTS`: replaced where it has one, else before `Returns:` or
+    """`obj`'s docstring (as `inspect.cleandoc` shows it) with its argument sections as
+    written from `ARGUMENTS`: replaced where it has them, else before `Returns:` or
     `Examples:`, or at the end."""
     family, specific = obj.__jaxrenorm_documents__
-    names = _argument_names(obj, family)
-    entries = [_entry(name, specific.get(name) or _describe(name, family)) for name in names]
-    title = "Attributes:" if family == "linen" else "Args:"
-    doc = _insert(_without_section(inspect.cleandoc(obj.__doc__ or "")), [title, *entries])
+    sections = []
+    for owner, names in _argument_groups(obj, family):
+        title = "Args:" if owner is obj else f"Args: Inherited from {owner.__name__}:"
+        entries = [_entry(name, specific.get(name) or _describe(name, family)) for name in names]
+        sections += ["", title, *entries] if sections else [title, *entries]
+    doc = _insert(_without_section(inspect.cleandoc(obj.__doc__ or "")), sections)
     return doc.rstrip("\n")
 
 
+# The title of an argument section: `Args:`, or `Args: Inherited from BatchNorm:`
+# (a Google-style section with a title, as griffe reads it).
+_SECTION_TITLE = re.compile(r"^Args:( Inherited from \w+:)?$")
+
+
 def _without_section(doc: str) -> str:
-    """The docstring without its `Args:` / `Attributes:` section (the title and the
-    indented lines under it, and the blank line that follows)."""
+    """The docstring without its argument sections (each title, the indented lines
+    under it, and the blank line that follows)."""
     lines, out, skipping = doc.split("\n"), [], False
     for line in lines:
-        if line in ("Args:", "Attributes:"):
+        if _SECTION_TITLE.match(line):
             skipping = True
         elif skipping and not line.startswith(" "):
             skipping = False
@@ -386,6 +394,30 @@ def _without_section(doc: str) -> str:
         if not skipping:
             out.append(line)
     return "\n".join(out).rstrip("\n") + ("\n" if doc.endswith("\n") else "")
+
+
+def _argument_groups(obj: Any, family: str) -> list[tuple[Any, list[str]]]:
+    """(owner, names) in the order a reader looks for them: a layer's own arguments
+    (those it adds over its base class) first, then those of each base class, the
+    nearest first; each group in the order of the signature. A function is its own
+    owner."""
+    names = _argument_names(obj, family)
+    if family == "pure":
+        return [(obj, names)]
+    bases = [c for c in obj.__mro__ if c.__module__ == obj.__module__]
+    declared = {c: _declared(c, family) for c in bases}
+    # The owner of an argument is the most basic class that declares it: a subclass
+    # that repeats `num_features` (NNX) or `input_size` (Equinox) does not add it.
+    owner = {name: next(c for c in reversed(bases) if name in declared[c]) for name in names}
+    groups = [(c, [n for n in names if owner[n] is c]) for c in bases]
+    return [(c, group) for c, group in groups if group]
+
+
+def _declared(cls: type, family: str) -> set[str]:
+    """The arguments `cls` itself declares: its annotated fields, or its constructor's."""
+    if family == "linen":
+        return set(inspect.get_annotations(cls))
+    return set(_parameters(cls.__init__)) if "__init__" in vars(cls) else set()
 
 
 def _argument_names(obj: Any, family: str) -> list[str]:

@@ -359,22 +359,18 @@ def batch_renorm(
         (see `jaxrenorm.schedules`). `r_max=1` with `d_max=0` is BatchNorm.
       d_max: the bound on |d|, >= 0: d is clipped to [-d_max, d_max]. A Python float
         or a traced scalar.
-      grad_through_batch_moments: True (the paper) differentiates through the batch
-        mean and variance. False treats them as constants in the backward pass (the
-        forward pass is unchanged): the gradient is then that of the affine map y =
-        scale * r / s_B * x + ..., which no longer removes the directions that move
-        a whole statistics group together. Use it when the groups that provide the
-        statistics are not representative (e.g. each holds one class), with a
-        BatchNorm warm-up, since nothing then stops the layer's input from drifting
-        in scale or offset. "adaptive" (with `virtual_batch_size`, for groups whose
-        kind is not known in advance) scales the gradient through each group's
-        moments, per feature, by exp(-max(F - 1, 0)), with F the one-way ANOVA F
-        statistic of the call's groups of n values, n * s_b^2 / (s_w^2 + epsilon)
+      grad_through_batch_moments: how the gradient flows through the batch's (or
+        each virtual group's) mean and variance; the forward pass is the same. True:
+        the paper's gradient. False: the group moments are constants in the backward
+        pass, for groups known not to represent the data (e.g. each holds one
+        class), after a BatchNorm warm-up. "adaptive": per feature, the gradient
+        through the group moments weighted by exp(-max(F - 1, 0)), F = n s_b^2 /
+        (s_w^2 + epsilon) the one-way ANOVA F statistic of the call's virtual groups
         (s_b^2 the unbiased variance of the group means, s_w^2 the mean unbiased
-        variance within the groups): about 1 when the groups are samples of one
-        distribution (the paper's gradient), large when each group holds its own
-        kind of data (then as with False). With one group it is the paper's
-        gradient.
+        variance within the groups of n values): the paper's gradient where the
+        groups agree, almost none where they differ. It needs `virtual_batch_size`
+        smaller than the batch; with one group it is the paper's gradient. The math:
+        [Concepts, Batch Renormalization](../concepts.md#batch-renormalization).
 
     Returns:
       `(y, new_batch_stats)`, as `batch_norm`.
@@ -505,22 +501,18 @@ def instance_renorm(
         (see `jaxrenorm.schedules`). `r_max=1` with `d_max=0` is BatchNorm.
       d_max: the bound on |d|, >= 0: d is clipped to [-d_max, d_max]. A Python float
         or a traced scalar.
-      grad_through_batch_moments: True (the paper) differentiates through the batch
-        mean and variance. False treats them as constants in the backward pass (the
-        forward pass is unchanged): the gradient is then that of the affine map y =
-        scale * r / s_B * x + ..., which no longer removes the directions that move
-        a whole statistics group together. Use it when the groups that provide the
-        statistics are not representative (e.g. each holds one class), with a
-        BatchNorm warm-up, since nothing then stops the layer's input from drifting
-        in scale or offset. "adaptive" (with `virtual_batch_size`, for groups whose
-        kind is not known in advance) scales the gradient through each group's
-        moments, per feature, by exp(-max(F - 1, 0)), with F the one-way ANOVA F
-        statistic of the call's groups of n values, n * s_b^2 / (s_w^2 + epsilon)
+      grad_through_batch_moments: how the gradient flows through the batch's (or
+        each virtual group's) mean and variance; the forward pass is the same. True:
+        the paper's gradient. False: the group moments are constants in the backward
+        pass, for groups known not to represent the data (e.g. each holds one
+        class), after a BatchNorm warm-up. "adaptive": per feature, the gradient
+        through the group moments weighted by exp(-max(F - 1, 0)), F = n s_b^2 /
+        (s_w^2 + epsilon) the one-way ANOVA F statistic of the call's virtual groups
         (s_b^2 the unbiased variance of the group means, s_w^2 the mean unbiased
-        variance within the groups): about 1 when the groups are samples of one
-        distribution (the paper's gradient), large when each group holds its own
-        kind of data (then as with False). With one group it is the paper's
-        gradient.
+        variance within the groups of n values): the paper's gradient where the
+        groups agree, almost none where they differ. It needs `virtual_batch_size`
+        smaller than the batch; with one group it is the paper's gradient. The math:
+        [Concepts, Batch Renormalization](../concepts.md#batch-renormalization).
 
     Returns:
       `(y, new_batch_stats)`, as `batch_renorm`.
@@ -886,7 +878,7 @@ def _batch_moments(
 def _moment_gradient_weight(moments: Moments, epsilon: float) -> jax.Array:
     """Per feature, exp(-max(F - 1, 0)) with F the groups' one-way ANOVA F statistic.
 
-    F = n * s_b^2 / (s_w^2 + epsilon) over the G groups (axis 0) with a valid
+    F = n s_b^2 / (s_w^2 + epsilon) over the G groups (axis 0) with a valid
     element, n their mean count, s_b^2 the unbiased variance of the group means and
     s_w^2 the mean of the unbiased group variances: about 1 when the groups are
     samples of one distribution (their means then scatter with variance var / n),

@@ -343,6 +343,35 @@ class BatchRenorm(BatchNorm):
     layer's `steps` counter, kept in the state with the running statistics.
 
     Args:
+      r_max: the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): a float or a
+        schedule `step -> value` (any optax schedule) evaluated at the layer's
+        `steps` counter, the number of training calls so far. Default: the paper's
+        schedule `jaxrenorm.schedules.PAPER_R_MAX`, 1 (plain BatchNorm) until step
+        5,000, then linear to 3 at step 40,000; for a shorter run use
+        `jaxrenorm.schedules.scaled_paper_schedules`.
+      d_max: the bound on |d|, >= 0 (d is clipped to [-d_max, d_max]): a float or a
+        schedule `step -> value` (any optax schedule) evaluated at the layer's
+        `steps` counter, the number of training calls so far. Default: the paper's
+        schedule `jaxrenorm.schedules.PAPER_D_MAX`, 0 until step 5,000, then linear
+        to 5 at step 25,000.
+      grad_through_batch_moments: how the gradient flows through the batch's (or
+        each virtual group's) mean and variance; the forward pass is the same. True:
+        the paper's gradient. False: the group moments are constants in the backward
+        pass, for groups known not to represent the data (e.g. each holds one
+        class), after a BatchNorm warm-up. "adaptive": per feature, the gradient
+        through the group moments weighted by exp(-max(F - 1, 0)), F = n s_b^2 /
+        (s_w^2 + epsilon) the one-way ANOVA F statistic of the call's virtual groups
+        (s_b^2 the unbiased variance of the group means, s_w^2 the mean unbiased
+        variance within the groups of n values): the paper's gradient where the
+        groups agree, almost none where they differ. It needs `virtual_batch_size`
+        smaller than the batch; with one group it is the paper's gradient. The math:
+        [Concepts, Batch Renormalization](../concepts.md#batch-renormalization).
+      diagnostics: if True, each training call stores `r_clipped`, `d_clipped`,
+        `r_mean_abs_dev` and `d_mean_abs` (see `jaxrenorm.collect_diagnostics`) in
+        the state, as a dict under `layer.diagnostics_index` (zeros until the first
+        training call). Off by default.
+
+    Args: Inherited from BatchNorm:
       input_size: the number of channels, the size of the example's first axis.
       axis_name: the named axis, or tuple of axis names, of the `vmap` (or `pmap`,
         `shard_map`) whose examples share the statistics, computed with one
@@ -386,37 +415,6 @@ class BatchRenorm(BatchNorm):
         variance n / (n - 1) * var_B, n the number of valid values per feature (per
         group with virtual batches), as PyTorch does; the normalization itself
         always uses the biased var_B. False by default, Flax's convention.
-      r_max: the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): a float or a
-        schedule `step -> value` (any optax schedule) evaluated at the layer's
-        `steps` counter, the number of training calls so far. Default: the paper's
-        schedule `jaxrenorm.schedules.PAPER_R_MAX`, 1 (plain BatchNorm) until step
-        5,000, then linear to 3 at step 40,000; for a shorter run use
-        `jaxrenorm.schedules.scaled_paper_schedules`.
-      d_max: the bound on |d|, >= 0 (d is clipped to [-d_max, d_max]): a float or a
-        schedule `step -> value` (any optax schedule) evaluated at the layer's
-        `steps` counter, the number of training calls so far. Default: the paper's
-        schedule `jaxrenorm.schedules.PAPER_D_MAX`, 0 until step 5,000, then linear
-        to 5 at step 25,000.
-      grad_through_batch_moments: True (the paper) differentiates through the batch
-        mean and variance. False treats them as constants in the backward pass (the
-        forward pass is unchanged): the gradient is then that of the affine map y =
-        scale * r / s_B * x + ..., which no longer removes the directions that move
-        a whole statistics group together. Use it when the groups that provide the
-        statistics are not representative (e.g. each holds one class), with a
-        BatchNorm warm-up, since nothing then stops the layer's input from drifting
-        in scale or offset. "adaptive" (with `virtual_batch_size`, for groups whose
-        kind is not known in advance) scales the gradient through each group's
-        moments, per feature, by exp(-max(F - 1, 0)), with F the one-way ANOVA F
-        statistic of the call's groups of n values, n * s_b^2 / (s_w^2 + epsilon)
-        (s_b^2 the unbiased variance of the group means, s_w^2 the mean unbiased
-        variance within the groups): about 1 when the groups are samples of one
-        distribution (the paper's gradient), large when each group holds its own
-        kind of data (then as with False). With one group it is the paper's
-        gradient.
-      diagnostics: if True, each training call stores `r_clipped`, `d_clipped`,
-        `r_mean_abs_dev` and `d_mean_abs` (see `jaxrenorm.collect_diagnostics`) in
-        the state, as a dict under `layer.diagnostics_index` (zeros until the first
-        training call). Off by default.
 
     Examples:
       >>> import equinox as eqx, jax, jaxrenorm
@@ -489,6 +487,40 @@ class InstanceRenorm(BatchRenorm):
     needs at least one spatial dimension, `(input_size, dim_1, ...)`.
 
     Args:
+      rho_init: the initial value of the gate `rho`, a per-channel parameter in the
+        dtype of `weight`: 0.5 by default, an even mix of batch and instance
+        statistics.
+
+    Args: Inherited from BatchRenorm:
+      r_max: the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): a float or a
+        schedule `step -> value` (any optax schedule) evaluated at the layer's
+        `steps` counter, the number of training calls so far. Default: the paper's
+        schedule `jaxrenorm.schedules.PAPER_R_MAX`, 1 (plain BatchNorm) until step
+        5,000, then linear to 3 at step 40,000; for a shorter run use
+        `jaxrenorm.schedules.scaled_paper_schedules`.
+      d_max: the bound on |d|, >= 0 (d is clipped to [-d_max, d_max]): a float or a
+        schedule `step -> value` (any optax schedule) evaluated at the layer's
+        `steps` counter, the number of training calls so far. Default: the paper's
+        schedule `jaxrenorm.schedules.PAPER_D_MAX`, 0 until step 5,000, then linear
+        to 5 at step 25,000.
+      grad_through_batch_moments: how the gradient flows through the batch's (or
+        each virtual group's) mean and variance; the forward pass is the same. True:
+        the paper's gradient. False: the group moments are constants in the backward
+        pass, for groups known not to represent the data (e.g. each holds one
+        class), after a BatchNorm warm-up. "adaptive": per feature, the gradient
+        through the group moments weighted by exp(-max(F - 1, 0)), F = n s_b^2 /
+        (s_w^2 + epsilon) the one-way ANOVA F statistic of the call's virtual groups
+        (s_b^2 the unbiased variance of the group means, s_w^2 the mean unbiased
+        variance within the groups of n values): the paper's gradient where the
+        groups agree, almost none where they differ. It needs `virtual_batch_size`
+        smaller than the batch; with one group it is the paper's gradient. The math:
+        [Concepts, Batch Renormalization](../concepts.md#batch-renormalization).
+      diagnostics: if True, each training call stores `r_clipped`, `d_clipped`,
+        `r_mean_abs_dev` and `d_mean_abs` (see `jaxrenorm.collect_diagnostics`) in
+        the state, as a dict under `layer.diagnostics_index` (zeros until the first
+        training call). Off by default.
+
+    Args: Inherited from BatchNorm:
       input_size: the number of channels, the size of the example's first axis.
       axis_name: the named axis, or tuple of axis names, of the `vmap` (or `pmap`,
         `shard_map`) whose examples share the statistics, computed with one
@@ -532,40 +564,6 @@ class InstanceRenorm(BatchRenorm):
         variance n / (n - 1) * var_B, n the number of valid values per feature (per
         group with virtual batches), as PyTorch does; the normalization itself
         always uses the biased var_B. False by default, Flax's convention.
-      r_max: the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): a float or a
-        schedule `step -> value` (any optax schedule) evaluated at the layer's
-        `steps` counter, the number of training calls so far. Default: the paper's
-        schedule `jaxrenorm.schedules.PAPER_R_MAX`, 1 (plain BatchNorm) until step
-        5,000, then linear to 3 at step 40,000; for a shorter run use
-        `jaxrenorm.schedules.scaled_paper_schedules`.
-      d_max: the bound on |d|, >= 0 (d is clipped to [-d_max, d_max]): a float or a
-        schedule `step -> value` (any optax schedule) evaluated at the layer's
-        `steps` counter, the number of training calls so far. Default: the paper's
-        schedule `jaxrenorm.schedules.PAPER_D_MAX`, 0 until step 5,000, then linear
-        to 5 at step 25,000.
-      grad_through_batch_moments: True (the paper) differentiates through the batch
-        mean and variance. False treats them as constants in the backward pass (the
-        forward pass is unchanged): the gradient is then that of the affine map y =
-        scale * r / s_B * x + ..., which no longer removes the directions that move
-        a whole statistics group together. Use it when the groups that provide the
-        statistics are not representative (e.g. each holds one class), with a
-        BatchNorm warm-up, since nothing then stops the layer's input from drifting
-        in scale or offset. "adaptive" (with `virtual_batch_size`, for groups whose
-        kind is not known in advance) scales the gradient through each group's
-        moments, per feature, by exp(-max(F - 1, 0)), with F the one-way ANOVA F
-        statistic of the call's groups of n values, n * s_b^2 / (s_w^2 + epsilon)
-        (s_b^2 the unbiased variance of the group means, s_w^2 the mean unbiased
-        variance within the groups): about 1 when the groups are samples of one
-        distribution (the paper's gradient), large when each group holds its own
-        kind of data (then as with False). With one group it is the paper's
-        gradient.
-      diagnostics: if True, each training call stores `r_clipped`, `d_clipped`,
-        `r_mean_abs_dev` and `d_mean_abs` (see `jaxrenorm.collect_diagnostics`) in
-        the state, as a dict under `layer.diagnostics_index` (zeros until the first
-        training call). Off by default.
-      rho_init: the initial value of the gate `rho`, a per-channel parameter in the
-        dtype of `weight`: 0.5 by default, an even mix of batch and instance
-        statistics.
 
     Examples:
       >>> import equinox as eqx, jax, jaxrenorm

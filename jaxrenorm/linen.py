@@ -63,7 +63,7 @@ class BatchNorm(nn.Module):
     variables are `params/scale`, `params/bias`, `batch_stats/mean` and
     `batch_stats/var`.
 
-    Attributes:
+    Args:
       use_running_average: True normalizes with the running statistics (inference),
         False with the batch's, updating the running ones (training). The argument
         of the call, if given, takes precedence; one of the two must be set. As in
@@ -130,13 +130,13 @@ class BatchNorm(nn.Module):
         cost about 1e-4 relative). The pure functions keep the dtype of the
         `batch_stats` they are given (`init_batch_stats(n, jnp.float64)`).
       debias_running_average: keep zero-debiased running averages: each training
-        call updates with the momentum `jaxrenorm.debiased_momentum(momentum,
-        steps)` (0 on the first call) and increments an int32 `steps` counter kept
-        with the running statistics, so that after t calls they are the average of
-        the t batches' statistics weighted by (1 - m) m^(t - i), normalized to sum
-        to one: they describe the batches however short the run, not their initial
-        values. False (the default) is Flax's plain exponential average, from 0 and
-        1.
+        call updates with the momentum `debiased_momentum(momentum, steps)` (0 on
+        the first call; see `jaxrenorm.debiased_momentum`) and increments an int32
+        `steps` counter kept with the running statistics, so that after t calls they
+        are the average of the t batches' statistics weighted by (1 - m) m^(t - i),
+        normalized to sum to one: they describe the batches however short the run,
+        not their initial values. False (the default) is Flax's plain exponential
+        average, from 0 and 1.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxrenorm
@@ -306,7 +306,36 @@ class BatchRenorm(BatchNorm):
     use `jaxrenorm.schedules.scaled_paper_schedules`. Inference is exactly
     BatchNorm's. The math is `jaxrenorm.batch_renorm`'s.
 
-    Attributes:
+    Args:
+      r_max: the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): a float or a
+        schedule `step -> value` (any optax schedule) evaluated at the layer's
+        `steps` counter, the number of training calls so far. Default: the paper's
+        schedule `jaxrenorm.schedules.PAPER_R_MAX`, 1 (plain BatchNorm) until step
+        5,000, then linear to 3 at step 40,000; for a shorter run use
+        `jaxrenorm.schedules.scaled_paper_schedules`.
+      d_max: the bound on |d|, >= 0 (d is clipped to [-d_max, d_max]): a float or a
+        schedule `step -> value` (any optax schedule) evaluated at the layer's
+        `steps` counter, the number of training calls so far. Default: the paper's
+        schedule `jaxrenorm.schedules.PAPER_D_MAX`, 0 until step 5,000, then linear
+        to 5 at step 25,000.
+      grad_through_batch_moments: how the gradient flows through the batch's (or
+        each virtual group's) mean and variance; the forward pass is the same. True:
+        the paper's gradient. False: the group moments are constants in the backward
+        pass, for groups known not to represent the data (e.g. each holds one
+        class), after a BatchNorm warm-up. "adaptive": per feature, the gradient
+        through the group moments weighted by exp(-max(F - 1, 0)), F = n s_b^2 /
+        (s_w^2 + epsilon) the one-way ANOVA F statistic of the call's virtual groups
+        (s_b^2 the unbiased variance of the group means, s_w^2 the mean unbiased
+        variance within the groups of n values): the paper's gradient where the
+        groups agree, almost none where they differ. It needs `virtual_batch_size`
+        smaller than the batch; with one group it is the paper's gradient. The math:
+        [Concepts, Batch Renormalization](../concepts.md#batch-renormalization).
+      diagnostics: if True, each training call sows `r_clipped`, `d_clipped`,
+        `r_mean_abs_dev` and `d_mean_abs` into the `intermediates` collection;
+        `jaxrenorm.collect_diagnostics` gathers them. Off by default, and free when
+        off.
+
+    Args: Inherited from BatchNorm:
       use_running_average: True normalizes with the running statistics (inference),
         False with the batch's, updating the running ones (training). The argument
         of the call, if given, takes precedence; one of the two must be set. As in
@@ -373,44 +402,13 @@ class BatchRenorm(BatchNorm):
         cost about 1e-4 relative). The pure functions keep the dtype of the
         `batch_stats` they are given (`init_batch_stats(n, jnp.float64)`).
       debias_running_average: keep zero-debiased running averages: each training
-        call updates with the momentum `jaxrenorm.debiased_momentum(momentum,
-        steps)` (0 on the first call) and increments an int32 `steps` counter kept
-        with the running statistics, so that after t calls they are the average of
-        the t batches' statistics weighted by (1 - m) m^(t - i), normalized to sum
-        to one: they describe the batches however short the run, not their initial
-        values. False (the default) is Flax's plain exponential average, from 0 and
-        1.
-      r_max: the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): a float or a
-        schedule `step -> value` (any optax schedule) evaluated at the layer's
-        `steps` counter, the number of training calls so far. Default: the paper's
-        schedule `jaxrenorm.schedules.PAPER_R_MAX`, 1 (plain BatchNorm) until step
-        5,000, then linear to 3 at step 40,000; for a shorter run use
-        `jaxrenorm.schedules.scaled_paper_schedules`.
-      d_max: the bound on |d|, >= 0 (d is clipped to [-d_max, d_max]): a float or a
-        schedule `step -> value` (any optax schedule) evaluated at the layer's
-        `steps` counter, the number of training calls so far. Default: the paper's
-        schedule `jaxrenorm.schedules.PAPER_D_MAX`, 0 until step 5,000, then linear
-        to 5 at step 25,000.
-      grad_through_batch_moments: True (the paper) differentiates through the batch
-        mean and variance. False treats them as constants in the backward pass (the
-        forward pass is unchanged): the gradient is then that of the affine map y =
-        scale * r / s_B * x + ..., which no longer removes the directions that move
-        a whole statistics group together. Use it when the groups that provide the
-        statistics are not representative (e.g. each holds one class), with a
-        BatchNorm warm-up, since nothing then stops the layer's input from drifting
-        in scale or offset. "adaptive" (with `virtual_batch_size`, for groups whose
-        kind is not known in advance) scales the gradient through each group's
-        moments, per feature, by exp(-max(F - 1, 0)), with F the one-way ANOVA F
-        statistic of the call's groups of n values, n * s_b^2 / (s_w^2 + epsilon)
-        (s_b^2 the unbiased variance of the group means, s_w^2 the mean unbiased
-        variance within the groups): about 1 when the groups are samples of one
-        distribution (the paper's gradient), large when each group holds its own
-        kind of data (then as with False). With one group it is the paper's
-        gradient.
-      diagnostics: if True, each training call sows `r_clipped`, `d_clipped`,
-        `r_mean_abs_dev` and `d_mean_abs` into the `intermediates` collection;
-        `jaxrenorm.collect_diagnostics` gathers them. Off by default, and free when
-        off.
+        call updates with the momentum `debiased_momentum(momentum, steps)` (0 on
+        the first call; see `jaxrenorm.debiased_momentum`) and increments an int32
+        `steps` counter kept with the running statistics, so that after t calls they
+        are the average of the t batches' statistics weighted by (1 - m) m^(t - i),
+        normalized to sum to one: they describe the batches however short the run,
+        not their initial values. False (the default) is Flax's plain exponential
+        average, from 0 and 1.
 
     Examples:
       >>> import jax, jax.numpy as jnp, jaxrenorm
@@ -454,7 +452,40 @@ class InstanceRenorm(BatchRenorm):
     rho = 0 instance normalization followed by the affine map. The math is
     `jaxrenorm.instance_renorm`'s, where the derivation is.
 
-    Attributes:
+    Args:
+      rho_init: the initializer of the gate `rho` (feature shape, `param_dtype`):
+        0.5 everywhere by default, an even mix of batch and instance statistics.
+
+    Args: Inherited from BatchRenorm:
+      r_max: the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): a float or a
+        schedule `step -> value` (any optax schedule) evaluated at the layer's
+        `steps` counter, the number of training calls so far. Default: the paper's
+        schedule `jaxrenorm.schedules.PAPER_R_MAX`, 1 (plain BatchNorm) until step
+        5,000, then linear to 3 at step 40,000; for a shorter run use
+        `jaxrenorm.schedules.scaled_paper_schedules`.
+      d_max: the bound on |d|, >= 0 (d is clipped to [-d_max, d_max]): a float or a
+        schedule `step -> value` (any optax schedule) evaluated at the layer's
+        `steps` counter, the number of training calls so far. Default: the paper's
+        schedule `jaxrenorm.schedules.PAPER_D_MAX`, 0 until step 5,000, then linear
+        to 5 at step 25,000.
+      grad_through_batch_moments: how the gradient flows through the batch's (or
+        each virtual group's) mean and variance; the forward pass is the same. True:
+        the paper's gradient. False: the group moments are constants in the backward
+        pass, for groups known not to represent the data (e.g. each holds one
+        class), after a BatchNorm warm-up. "adaptive": per feature, the gradient
+        through the group moments weighted by exp(-max(F - 1, 0)), F = n s_b^2 /
+        (s_w^2 + epsilon) the one-way ANOVA F statistic of the call's virtual groups
+        (s_b^2 the unbiased variance of the group means, s_w^2 the mean unbiased
+        variance within the groups of n values): the paper's gradient where the
+        groups agree, almost none where they differ. It needs `virtual_batch_size`
+        smaller than the batch; with one group it is the paper's gradient. The math:
+        [Concepts, Batch Renormalization](../concepts.md#batch-renormalization).
+      diagnostics: if True, each training call sows `r_clipped`, `d_clipped`,
+        `r_mean_abs_dev` and `d_mean_abs` into the `intermediates` collection;
+        `jaxrenorm.collect_diagnostics` gathers them. Off by default, and free when
+        off.
+
+    Args: Inherited from BatchNorm:
       use_running_average: True normalizes with the running statistics (inference),
         False with the batch's, updating the running ones (training). The argument
         of the call, if given, takes precedence; one of the two must be set. As in
@@ -521,46 +552,13 @@ class InstanceRenorm(BatchRenorm):
         cost about 1e-4 relative). The pure functions keep the dtype of the
         `batch_stats` they are given (`init_batch_stats(n, jnp.float64)`).
       debias_running_average: keep zero-debiased running averages: each training
-        call updates with the momentum `jaxrenorm.debiased_momentum(momentum,
-        steps)` (0 on the first call) and increments an int32 `steps` counter kept
-        with the running statistics, so that after t calls they are the average of
-        the t batches' statistics weighted by (1 - m) m^(t - i), normalized to sum
-        to one: they describe the batches however short the run, not their initial
-        values. False (the default) is Flax's plain exponential average, from 0 and
-        1.
-      r_max: the bound on r, >= 1 (r is clipped to [1 / r_max, r_max]): a float or a
-        schedule `step -> value` (any optax schedule) evaluated at the layer's
-        `steps` counter, the number of training calls so far. Default: the paper's
-        schedule `jaxrenorm.schedules.PAPER_R_MAX`, 1 (plain BatchNorm) until step
-        5,000, then linear to 3 at step 40,000; for a shorter run use
-        `jaxrenorm.schedules.scaled_paper_schedules`.
-      d_max: the bound on |d|, >= 0 (d is clipped to [-d_max, d_max]): a float or a
-        schedule `step -> value` (any optax schedule) evaluated at the layer's
-        `steps` counter, the number of training calls so far. Default: the paper's
-        schedule `jaxrenorm.schedules.PAPER_D_MAX`, 0 until step 5,000, then linear
-        to 5 at step 25,000.
-      grad_through_batch_moments: True (the paper) differentiates through the batch
-        mean and variance. False treats them as constants in the backward pass (the
-        forward pass is unchanged): the gradient is then that of the affine map y =
-        scale * r / s_B * x + ..., which no longer removes the directions that move
-        a whole statistics group together. Use it when the groups that provide the
-        statistics are not representative (e.g. each holds one class), with a
-        BatchNorm warm-up, since nothing then stops the layer's input from drifting
-        in scale or offset. "adaptive" (with `virtual_batch_size`, for groups whose
-        kind is not known in advance) scales the gradient through each group's
-        moments, per feature, by exp(-max(F - 1, 0)), with F the one-way ANOVA F
-        statistic of the call's groups of n values, n * s_b^2 / (s_w^2 + epsilon)
-        (s_b^2 the unbiased variance of the group means, s_w^2 the mean unbiased
-        variance within the groups): about 1 when the groups are samples of one
-        distribution (the paper's gradient), large when each group holds its own
-        kind of data (then as with False). With one group it is the paper's
-        gradient.
-      diagnostics: if True, each training call sows `r_clipped`, `d_clipped`,
-        `r_mean_abs_dev` and `d_mean_abs` into the `intermediates` collection;
-        `jaxrenorm.collect_diagnostics` gathers them. Off by default, and free when
-        off.
-      rho_init: the initializer of the gate `rho` (feature shape, `param_dtype`):
-        0.5 everywhere by default, an even mix of batch and instance statistics.
+        call updates with the momentum `debiased_momentum(momentum, steps)` (0 on
+        the first call; see `jaxrenorm.debiased_momentum`) and increments an int32
+        `steps` counter kept with the running statistics, so that after t calls they
+        are the average of the t batches' statistics weighted by (1 - m) m^(t - i),
+        normalized to sum to one: they describe the batches however short the run,
+        not their initial values. False (the default) is Flax's plain exponential
+        average, from 0 and 1.
 
     Examples:
       >>> import jax, jaxrenorm

@@ -190,3 +190,54 @@ def test_quoted_figures_are_what_their_sources_hold(path):
         if talks_cost and not paragraph.lstrip().startswith("|"):
             ratio = re.search(r"\b\d\.\d+(?:[\u2013-]\d\.\d+)?x\b", unmarked)
             assert not ratio, f"{path.name}: an unmarked variance cost: {ratio.group(0)!r}"
+
+
+LAYERS = {n: obj for n, obj in PUBLIC.items() if hasattr(obj, "__jaxrenorm_documents__")}
+LAYERS = {n: obj for n, obj in LAYERS.items() if isinstance(obj, type)}
+
+
+@pytest.mark.parametrize("name, layer", LAYERS.items(), ids=list(LAYERS))
+def test_a_layer_lists_its_own_arguments_first(name, layer):
+    """`Args:` holds what the layer adds over its base class; each base's arguments
+    follow under `Args: Inherited from <base>:`, the nearest base first."""
+    doc = inspect.getdoc(layer) + "\n"
+    sections = re.findall(r"^Args:(?: Inherited from (\w+):)?\n((?:  .*\n)+)", doc, flags=re.M)
+    family = [c for c in layer.__mro__ if c.__module__ == layer.__module__]
+    assert [owner or layer.__name__ for owner, _ in sections] == [c.__name__ for c in family]
+    own = re.findall(r"^  (\w+):", sections[0][1], flags=re.M)
+    inherited = set(_arguments(family[1])) if len(family) > 1 else set()
+    assert set(own) == set(_arguments(layer)) - inherited, name
+
+
+def test_the_api_pages_show_each_argument_with_its_default_and_an_anchor():
+    """As mkdocstrings reads `jaxrenorm.linen.BatchRenorm`: its own arguments in the
+    first parameter section, each with its default (the linen fields too), and
+    `parameter_headings` gives each an anchor, `#jaxrenorm.linen.BatchRenorm(r_max)`."""
+    griffe = pytest.importorskip("griffe")  # the `docs` extra
+    config = (DOCS.parent / "mkdocs.yml").read_text()
+    assert re.search(r"^ +parameter_headings: true$", config, flags=re.M)
+    extension = griffe.load_extensions(f"{DOCS / 'griffe_signatures.py'}:RuntimeSignatures")
+    package = griffe.load("jaxrenorm", extensions=extension, docstring_parser="google")
+    sections = package["linen.BatchRenorm"].docstring.parsed
+    arguments = [s for s in sections if s.kind is griffe.DocstringSectionKind.parameters]
+    assert [s.title for s in arguments] == [None, "Inherited from BatchNorm:"]
+    defaults = {p.name: str(p.default) for p in arguments[0].value}
+    assert list(defaults) == ["r_max", "d_max", "grad_through_batch_moments", "diagnostics"]
+    assert defaults["r_max"].endswith("PAPER_R_MAX") and defaults["diagnostics"] == "False"
+    assert all(p.default is not None for p in arguments[1].value)
+
+
+def _slug(heading: str) -> str:
+    """The anchor Python-Markdown's `toc` gives a heading."""
+    return re.sub(r"[-\s]+", "-", re.sub(r"[^\w\s-]", "", heading).strip().lower())
+
+
+@pytest.mark.parametrize("name, obj", PUBLIC.items(), ids=list(PUBLIC))
+def test_links_from_docstrings_land_on_a_heading(name, obj):
+    """A docstring's link to a page of the site (`../concepts.md#batch-renormalization`,
+    relative to docs/api/) names an existing page and one of its headings."""
+    for page, anchor in re.findall(r"\]\(\.\./([\w/.-]+\.md)(?:#([\w-]+))?\)", obj.__doc__ or ""):
+        path = DOCS / page
+        assert path.exists(), f"{name}: no page {page}"
+        headings = re.findall(r"^#+ (.+)$", path.read_text(), flags=re.M)
+        assert not anchor or anchor in map(_slug, headings), f"{name}: no #{anchor} in {page}"
