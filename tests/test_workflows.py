@@ -85,10 +85,13 @@ def test_accumulation_with_multisteps_and_scan_is_the_loop_over_micro_batches():
         g, stats = grad(variables["params"], stats, xs, ys)
         total = g if total is None else jax.tree.map(jnp.add, total, g)
     adam = optax.adam(1e-2)
-    updates, _ = adam.update(
-        jax.tree.map(lambda t: t / k, total), adam.init(variables["params"]), variables["params"]
-    )
-    expected = optax.apply_updates(variables["params"], updates)
+
+    @jax.jit
+    def one_update(params, total):
+        updates, _ = adam.update(jax.tree.map(lambda t: t / k, total), adam.init(params), params)
+        return optax.apply_updates(params, updates)
+
+    expected = one_update(variables["params"], total)
 
     class State(train_state.TrainState):
         batch_stats: Any
@@ -99,9 +102,14 @@ def test_accumulation_with_multisteps_and_scan_is_the_loop_over_micro_batches():
         tx=optax.MultiSteps(adam, every_k_schedule=k),
         batch_stats=variables["batch_stats"],
     )
-    for xs, ys in zip(split(X), split(Y), strict=True):
+
+    @jax.jit
+    def micro_step(state, xs, ys):
         g, new_stats = grad(state.params, state.batch_stats, xs, ys)
-        state = state.apply_gradients(grads=g).replace(batch_stats=new_stats)
+        return state.apply_gradients(grads=g).replace(batch_stats=new_stats)
+
+    for xs, ys in zip(split(X), split(Y), strict=True):
+        state = micro_step(state, xs, ys)
     _close(state.params, expected)
     _close(state.batch_stats, stats)
     assert int(state.batch_stats["norm"]["steps"]) == k == int(state.opt_state.mini_step) + k
@@ -267,15 +275,18 @@ def test_nnx_view_freezes_chosen_layers_and_trains_the_rest_in_place():
 
 def test_ensemble_statistics_unsynced_and_synced():
     """Each member's own batch without an axis name; every member's batch with it."""
-    members = jax.vmap(lambda key: Net().init(key, X[:2]))(jax.random.split(jax.random.key(2), 4))
+    init = jax.jit(jax.vmap(lambda key: Net().init(key, X[:2])))
+    members = init(jax.random.split(jax.random.key(2), 4))
     xs = X.reshape(4, 8, 3)
 
     def stats(model, variables, x):
         _, updates = model.apply(variables, x, mutable=["batch_stats"])
         return updates["batch_stats"]["norm"]
 
-    unsynced = jax.vmap(lambda v, x: stats(Net(), v, x))(members, xs)
-    synced = jax.vmap(lambda v, x: stats(Net(axis_name="e"), v, x), axis_name="e")(members, xs)
+    unsynced = jax.jit(jax.vmap(lambda v, x: stats(Net(), v, x)))(members, xs)
+    synced = jax.jit(jax.vmap(lambda v, x: stats(Net(axis_name="e"), v, x), axis_name="e"))(
+        members, xs
+    )
     kernels = np.asarray(members["params"]["Dense_0"]["kernel"], np.float64)
     features = [np.asarray(xs[e], np.float64) @ kernels[e] for e in range(4)]
     # Synced: the statistics of every member's features (each member's own weights)
@@ -353,16 +364,16 @@ def test_per_example_gradients_are_the_batch_loss_through_each_examples_copy():
     def example_loss(params, x, y):
         return _loss(model, params, variables["batch_stats"], x, y)[0]
 
-    per_example = jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0), axis_name="batch")(
-        variables["params"], X, Y
-    )
+    per_example = jax.jit(
+        jax.vmap(jax.grad(example_loss), in_axes=(None, 0, 0), axis_name="batch")
+    )(variables["params"], X, Y)
 
     def batch_loss(copies):
         losses = jax.vmap(example_loss, axis_name="batch")(copies, X, Y)
         return losses.sum()
 
     copies = jax.tree.map(lambda p: jnp.broadcast_to(p, (len(X), *p.shape)), variables["params"])
-    _close(per_example, jax.grad(batch_loss)(copies), rtol=1e-5)
+    _close(per_example, jax.jit(jax.grad(batch_loss))(copies), rtol=1e-5)
 
     def whole_batch(params):
         logits, _ = Net().apply(
@@ -371,7 +382,7 @@ def test_per_example_gradients_are_the_batch_loss_through_each_examples_copy():
         return optax.softmax_cross_entropy_with_integer_labels(logits, Y).sum()
 
     total = jax.tree.map(lambda g: g.sum(0), per_example)
-    _close(total, jax.grad(whole_batch)(variables["params"]), rtol=1e-5)
+    _close(total, jax.jit(jax.grad(whole_batch))(variables["params"]), rtol=1e-5)
 
 
 # --- device groups ------------------------------------------------------------------
