@@ -10,6 +10,35 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
+# XLA:CPU's loop emitters for fused computations instead of its newer MLIR fusion
+# emitters, the default since jaxlib 0.5. Both are XLA's own code generators for the
+# same programs; the loop emitters compile about a third faster, and three quarters
+# of the suite's time is XLA compiling small programs. The tests' claims are about
+# the library's numbers, which must hold under any code generator: `.ci/run` runs the
+# round-off-sensitive tests once more with the default emitters (and AVX2 code), and
+# a run given `--xla_cpu_use_fusion_emitters=...` in XLA_FLAGS keeps that choice.
+_EMITTERS = "--xla_cpu_use_fusion_emitters"
+_PROBED = "JAXRENORM_TESTS_XLA_PROBED"  # set once the controller has probed the flag
+
+
+def _xla_accepts(flag: str) -> bool:
+    """Whether this jaxlib knows `flag` (XLA aborts on an unknown one in XLA_FLAGS)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
+    probe = [sys.executable, "-c", "import jax; jax.devices()"]
+    try:
+        return subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+if _EMITTERS not in os.environ["XLA_FLAGS"] and _PROBED not in os.environ:
+    os.environ[_PROBED] = "1"  # the pytest-xdist workers inherit the outcome
+    if _xla_accepts(_EMITTERS + "=false"):
+        os.environ["XLA_FLAGS"] += f" {_EMITTERS}=false"
+
 
 # The longest tests (see the `--durations` report of .ci/run) are handed out first,
 # in this order, so that at the end of a parallel run no worker is left alone with

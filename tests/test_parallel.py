@@ -392,9 +392,10 @@ def _count_collectives(compiled_text: str) -> int:
 )
 def test_one_collective_per_layer_forward_and_at_most_two_with_backward(norm, masked):
     model = TwoLayers(norm)
-    x = jnp.ones((D, B, 2, 3))
-    mask = jnp.ones((D, B, 2, 1), bool) if masked else None
-    variables = model.init(jax.random.key(0), x[0])
+    # Only compiled, never run: shapes are all it needs (no initializer runs).
+    x = jax.ShapeDtypeStruct((D, B, 2, 3), jnp.float32)
+    mask = jax.ShapeDtypeStruct((D, B, 2, 1), bool) if masked else None
+    variables = jax.eval_shape(model.init, jax.random.key(0), jnp.ones((B, 2, 3)))
 
     def forward(x, m, variables):
         return model.apply(variables, x, mask=m, mutable=["batch_stats"])
