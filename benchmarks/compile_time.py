@@ -163,10 +163,12 @@ def run(
     model_args: dict, images: tuple[int, ...], rounds: int, step_rounds: int, pmap: bool = False
 ) -> str:
     """The Markdown table for a ResNet of `model_args` on a batch of this shape (per device)."""
-    key_x, key_y = jax.random.split(jax.random.key(1))
     devices = jax.local_device_count() if pmap else 1
-    images = jax.random.normal(key_x, (devices, *images))
-    labels = jax.random.randint(key_y, images.shape[:2], 0, 10)
+    # NumPy's generator: the batch's values do not matter here, and JAX's random
+    # functions would compile programs of their own.
+    rng = np.random.default_rng(1)
+    images = jnp.asarray(rng.standard_normal((devices, *images)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 10, images.shape[:2]), jnp.int32)
     layers = {n: functools.partial(l, axis_name=AXIS) if pmap else l for n, l in LAYERS.items()}
     # Initialized once per layer, before any measurement: an eager init compiles each
     # of its operations, again after every `clear_caches`, and costs more than the step.

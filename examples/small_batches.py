@@ -165,12 +165,15 @@ def batch_indices(y: np.ndarray, steps: int, v: int, one_class: bool, rng) -> np
 def initial_variables(norm, data, seeds: np.ndarray):
     """The models' variables, one per seed (stacked), for `trainer`.
 
-    Initialized outside the trainer's program, op by op: the random kernels of the
-    convolutions and dense layers have the same shapes whatever the normalization, so
-    their (costly to compile) programs are compiled once for every method.
+    Initialized outside the trainer's program, op by op and one seed at a time (the
+    same numbers as under vmap): the random kernels of the convolutions and dense
+    layers have the same shapes whatever the normalization and the seed, so their
+    (costly to compile) programs are compiled once for every method and seed.
     """
     x = jnp.asarray(data[0][:BATCH])
-    return jax.vmap(lambda seed: CNN(norm).init(jax.random.key(seed), x, train=False))(seeds)
+    model = CNN(norm)
+    per_seed = [model.init(jax.random.key(int(seed)), x, train=False) for seed in seeds]
+    return jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_seed)
 
 
 def trainer(norm, data, steps: int, micro_batches: int = 1):
@@ -329,7 +332,7 @@ def main(argv: list[str] | None = None) -> str:
     # trains with the programs already compiled (compiling is a third of the work).
     def program(method, v):
         norm = all_methods[method](v)
-        variables = jax.eval_shape(lambda s: initial_variables(norm, data, s), seeds)
+        variables = jax.eval_shape(lambda: initial_variables(norm, data, seeds))
         shapes = (variables, np.zeros((args.seeds, args.steps, BATCH), np.int32))
         return trainer(norm, data, args.steps).lower(*shapes).compile()
 
