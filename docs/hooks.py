@@ -16,7 +16,10 @@ _BUNDLED_KATEX = [str(wrapper._get_pkg_bin_path())]
 wrapper.get_bin_cmd = lambda: list(_BUNDLED_KATEX)
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-GENERATED = {"guides/small_batches.png": ROOT / "examples" / "results" / "small_batches.png"}
+GENERATED = {
+    f"guides/{name}.png": ROOT / "examples" / "results" / f"{name}.png"
+    for name in ("small_batches", "small_batches_noisy")
+}
 
 
 def on_files(files, config):

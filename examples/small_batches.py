@@ -1,8 +1,12 @@
 """When batch statistics fail: small and non-i.i.d. batches, BatchNorm vs BatchRenorm.
 
-A small CNN (conv-norm-relu-pool x2, dense-norm-relu, dense) is trained on
-scikit-learn's bundled digits with optax Adam and a gradient batch of 32. Only
-the examples that provide the normalization statistics change:
+A small CNN (conv-norm-relu-pool x2, dense-norm-relu, dense) is trained with
+optax Adam and a gradient batch of 32 on two tasks built from scikit-learn's
+bundled digits: the digits as they are, and "noisy digits" (the same images and
+split, each shifted by up to a pixel, its contrast scaled by a factor drawn from
+[0.5, 1.5] and Gaussian noise of standard deviation 0.1 added; generated here,
+with a fixed seed), a task on which batch statistics fail where digits only
+bends them. Only the examples that provide the normalization statistics change:
 
 - "i.i.d. 32", "i.i.d. 4", "i.i.d. 2": statistics over virtual batches of 32,
   4 or 2 examples drawn at random (Ioffe 2017 simulated microbatches this way);
@@ -13,7 +17,10 @@ the examples that provide the normalization statistics change:
 Methods: BatchNorm; BatchRenorm with the paper's schedule scaled to the run;
 BatchRenorm with `grad_through_batch_moments=False`, and with "adaptive" (the
 gradient through each group's moments weighted per feature by how much the
-groups of a batch differ); InstanceRenorm (a learned
+groups of a batch differ); adaptive BatchRenorm in the layers whose statistics
+groups hold at least MIN_GROUP_VALUES values per feature and LayerNorm in the
+others (`SmallGroupFallback`: here the dense layer when its groups hold 2 or 4
+examples, one value per feature each); InstanceRenorm (a learned
 per-feature mix of BatchRenorm and instance normalization, in the conv layers;
 the dense layer has no spatial axis and keeps BatchRenorm); and
 flax.linen.GroupNorm, which uses no batch statistics, as the reference. Every
@@ -21,15 +28,16 @@ model is evaluated on the (i.i.d.) test set with the running statistics. The
 seeds of a configuration train side by side under `jax.vmap`, and each training
 run is one `lax.scan`.
 
-Writes a Markdown table (mean and std over seeds) and a PNG plot to --out-dir
-(default `examples/results/latest/`) and prints the table, plus how often
+Writes, per task, a Markdown table (mean and std over seeds) and a PNG plot to
+--out-dir (default `examples/results/latest/`) and prints the table, plus how often
 BatchRenorm's clipping was active late in training, and the learned
-InstanceRenorm gates. Then it compares its table, cell by cell, with the
-published one (`examples/results/small_batches.md`, the table README shows),
-which a run never overwrites unless it is given `--out-dir examples/results`.
-Default: 3 seeds x 1,500 steps (the time it took ends the table's caption);
-`--quick` (1 seed, 150 steps, the two settings with groups of 4) is a smoke
-test of about 30 seconds.
+InstanceRenorm gates. Then it compares each table, cell by cell, with the
+published one (`examples/results/small_batches.md` and
+`small_batches_noisy.md`, the tables README shows), which a run never
+overwrites unless it is given `--out-dir examples/results`. Default: 3 seeds x
+1,500 steps (the time each task's runs took ends its caption; the programs are
+compiled once for both tasks, while digits trains); `--quick` (1 seed, 150
+steps, the settings with groups of 4) is a smoke test of about 30 seconds.
 
 Run: `python examples/small_batches.py [--quick] [--seeds 3] [--steps 1500]`.
 """
@@ -65,8 +73,44 @@ SETTINGS = {  # name: (virtual batch size, one class per group)
 }
 QUICK_SETTINGS = ("i.i.d. 4", "one class per 4")  # one virtual batch size: 4 compilations
 BATCH = 32
+# Below this many values per feature in a statistics group, SmallGroupFallback
+# normalizes without batch statistics. The variance of n normal values has a
+# relative standard deviation of sqrt(2 / (n - 1)): 37% at 16 values, 82% at 4,
+# 141% at 2. In this CNN the conv layers' groups hold 32 or more values (2
+# examples x 4x4 pixels at least) and the dense layer's hold one per example, so
+# any threshold from 5 to 32 makes the same choices.
+MIN_GROUP_VALUES = 16
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-PUBLISHED = RESULTS / "small_batches.md"  # the table README shows
+
+
+def noisy_digits(seed: int = 0) -> tuple[np.ndarray, ...]:
+    """load_data's split of digits, each image shifted by up to one pixel, its
+    contrast scaled by U(0.5, 1.5) and N(0, 0.1^2) noise added (fixed seed)."""
+    rng = np.random.default_rng(10_000 + seed)
+
+    def harden(x: np.ndarray) -> np.ndarray:
+        n, h, w, _ = x.shape
+        padded = np.pad(x[..., 0], ((0, 0), (1, 1), (1, 1)))
+        dy, dx = rng.integers(0, 3, (2, n))
+        shifted = np.stack([padded[i, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
+        noisy = shifted * rng.uniform(0.5, 1.5, (n, 1, 1)) + rng.normal(0, 0.1, shifted.shape)
+        return noisy.astype(np.float32)[..., None]
+
+    x_train, x_test, y_train, y_test = load_data(seed)
+    return harden(x_train), harden(x_test), y_train, y_test
+
+
+# Task name: (data, settings, file name of its results). Both tasks have the same
+# shapes, so they share every compiled program.
+TASKS = {
+    "digits": (load_data, tuple(SETTINGS), "small_batches"),
+    "noisy digits": (
+        noisy_digits,
+        ("i.i.d. 32", "i.i.d. 2", "one class per 4"),
+        "small_batches_noisy",
+    ),
+}
+PUBLISHED = RESULTS / "small_batches.md"  # the tables README shows
 
 
 def methods(total_steps: int) -> dict[str, Callable[[int], Callable[..., nn.Module]]]:
@@ -91,6 +135,10 @@ def methods(total_steps: int) -> dict[str, Callable[[int], Callable[..., nn.Modu
 
         return make
 
+    def fallback(v):
+        adaptive = renorm(v, grad_through="adaptive")
+        return lambda train, spatial: SmallGroupFallback(v, adaptive(train, spatial))
+
     return {
         "BatchNorm": lambda v: (
             lambda train, spatial: jaxrenorm.linen.BatchNorm(
@@ -100,9 +148,26 @@ def methods(total_steps: int) -> dict[str, Callable[[int], Callable[..., nn.Modu
         "BatchRenorm": renorm,
         "BatchRenorm, no grad through moments": functools.partial(renorm, grad_through=False),
         "BatchRenorm, adaptive moment gradient": functools.partial(renorm, grad_through="adaptive"),
+        "adaptive, LayerNorm in small groups": fallback,
         "InstanceRenorm": functools.partial(renorm, instance=True),
         "GroupNorm": lambda v: lambda train, spatial: nn.GroupNorm(num_groups=4),
     }
+
+
+class SmallGroupFallback(nn.Module):
+    """`norm` where a statistics group holds at least MIN_GROUP_VALUES values per
+    feature, `nn.LayerNorm` (each example's own statistics over its features) where
+    fewer: a group of a few values estimates its mean and variance mostly from noise,
+    and from the class when the group holds one. Chosen from the input's shape.
+    """
+
+    virtual_batch_size: int
+    norm: nn.Module
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        values = min(self.virtual_batch_size, x.shape[0]) * math.prod(x.shape[1:-1])
+        return self.norm(x) if values >= MIN_GROUP_VALUES else nn.LayerNorm()(x)
 
 
 class Conv3x3(nn.Module):
@@ -178,7 +243,17 @@ def initial_variables(norm, data, seeds: np.ndarray):
 
 def trainer(norm, data, steps: int, micro_batches: int = 1):
     """A jitted function (variables, indices) -> (test accuracies, late clipping
-    diagnostics, rho), the variables from `initial_variables`.
+    diagnostics, rho), the variables from `initial_variables`: `train_program` on
+    this data."""
+    program = train_program(norm, steps, micro_batches)
+    arrays = tuple(jnp.asarray(a) for a in data)
+    return lambda variables, idx: program(variables, idx, arrays)
+
+
+def train_program(norm, steps: int, micro_batches: int = 1):
+    """A jitted function (variables, indices, data) -> (test accuracies, late
+    clipping diagnostics, rho), the variables from `initial_variables`, data =
+    (x_train, x_test, y_train, y_test): one program for every data set of these shapes.
 
     rho holds the (mean, min, max) of the learned gates of the InstanceRenorm layers
     (NaN without any).
@@ -188,11 +263,11 @@ def trainer(norm, data, steps: int, micro_batches: int = 1):
     micro-batches of BATCH / k examples (a `lax.scan`), each normalized with its
     own statistics and each updating the running statistics, and applies their mean.
     """
-    x_train, x_test, y_train, y_test = (jnp.asarray(a) for a in data)
     model = CNN(norm)
     tx = optax.adam(optax.cosine_decay_schedule(2e-3, steps))
 
-    def run(variables, idx):
+    def run(variables, idx, data):
+        x_train, x_test, y_train, y_test = data
         params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
 
         def gradients(params, state, batch_idx):
@@ -250,7 +325,7 @@ def trainer(norm, data, steps: int, micro_batches: int = 1):
         rho = jnp.stack([gates.mean(), gates.min(), gates.max()])
         return accuracy, late, rho
 
-    return jax.jit(jax.vmap(run))
+    return jax.jit(jax.vmap(run, in_axes=(0, 0, None)))
 
 
 def markdown_table(results, setting_names, method_names) -> str:
@@ -319,52 +394,90 @@ def main(argv: list[str] | None = None) -> str:
         args.out_dir = RESULTS / ("quick" if args.quick else "latest")
     args.out_dir.mkdir(parents=True, exist_ok=True)
 
-    data = load_data(0)
-    y_train = data[2]
     all_methods = methods(args.steps)
     seeds = np.arange(args.seeds, dtype=np.int32)
-    results, diagnostics, gates = {}, {}, {}
-    settings = {k: SETTINGS[k] for k in (QUICK_SETTINGS if args.quick else SETTINGS)}
-    runs = [(m, s) for s in settings for m in all_methods]
+    tasks = {}
+    for task, (load, task_settings, _) in TASKS.items():
+        if args.quick:  # the groups of 4: one virtual batch size, programs for both tasks
+            task_settings = [k for k in task_settings if k in QUICK_SETTINGS]
+        tasks[task] = (load(0), {k: SETTINGS[k] for k in task_settings})
+    runs = [(t, m, s) for t, (_, settings) in tasks.items() for s in settings for m in all_methods]
+    data_shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tasks["digits"][0])
 
-    # One program per method and virtual batch size, compiled ahead of time on a
-    # background thread, in the order the runs need them, while the main thread
-    # trains with the programs already compiled (compiling is a third of the work).
+    # One program per method and virtual batch size, for both tasks (their data have
+    # the same shapes), compiled ahead of time on a background thread, in the order the
+    # runs need them, while the main thread trains with the programs already compiled
+    # (compiling is a third of the work).
     def program(method, v):
         norm = all_methods[method](v)
-        variables = jax.eval_shape(lambda: initial_variables(norm, data, seeds))
-        shapes = (variables, np.zeros((args.seeds, args.steps, BATCH), np.int32))
-        return trainer(norm, data, args.steps).lower(*shapes).compile()
+        variables = jax.eval_shape(lambda: initial_variables(norm, tasks["digits"][0], seeds))
+        indices = jax.ShapeDtypeStruct((args.seeds, args.steps, BATCH), np.int32)
+        return train_program(norm, args.steps).lower(variables, indices, data_shapes).compile()
 
-    def key(method, setting):
-        return method, None if method == "GroupNorm" else settings[setting][0]
+    def key(method, v):
+        return method, None if method == "GroupNorm" else v
 
-    start = time.perf_counter()
+    results, diagnostics, gates, elapsed = {}, {}, {}, dict.fromkeys(tasks, 0.0)
     with ThreadPoolExecutor(max_workers=1) as compiler:
         programs = {}
-        for method, setting in runs:
-            if key(method, setting) not in programs:
-                programs[key(method, setting)] = compiler.submit(
-                    program, method, settings[setting][0]
-                )
-        for method, setting in tqdm(runs, desc="training (method x setting)", unit="run"):
+        for task, method, setting in runs:
+            v = tasks[task][1][setting][0]
+            if key(method, v) not in programs:
+                programs[key(method, v)] = compiler.submit(program, method, v)
+        for task, method, setting in tqdm(runs, desc="training (runs)", unit="run"):
+            start = time.perf_counter()
+            data, settings = tasks[task]
             v, one_class = settings[setting]
             rng = np.random.default_rng(1234)  # the same batches for every method
             indices = np.stack(
-                [batch_indices(y_train, args.steps, v, one_class, rng) for _ in seeds]
+                [batch_indices(data[2], args.steps, v, one_class, rng) for _ in seeds]
             ).astype(np.int32)
             variables = initial_variables(all_methods[method](v), data, seeds)
-            acc, late, rho = programs[key(method, setting)].result()(variables, indices)
-            results[(method, setting)] = np.asarray(acc)
+            acc, late, rho = programs[key(method, v)].result()(variables, indices, data)
+            results[(task, method, setting)] = np.asarray(acc)
             if not np.isnan(rho).any():
-                gates[setting] = np.asarray(rho)
+                gates[(task, setting)] = np.asarray(rho)
             if late:
-                diagnostics[(method, setting)] = {k: np.asarray(d) for k, d in late.items()}
-    elapsed = time.perf_counter() - start
+                diagnostics[(task, method, setting)] = {k: np.asarray(d) for k, d in late.items()}
+            elapsed[task] += time.perf_counter() - start
 
-    table = markdown_table(results, list(settings), list(all_methods))
+    reports = []
+    for task, (_, settings) in tasks.items():
+        report = task_report(
+            task,
+            {(m, s): a for (t, m, s), a in results.items() if t == task},
+            {(m, s): d for (t, m, s), d in diagnostics.items() if t == task},
+            {s: g for (t, s), g in gates.items() if t == task},
+            list(settings),
+            list(all_methods),
+            args,
+            elapsed[task],
+        )
+        name = TASKS[task][2]
+        print("\n" + report)
+        (args.out_dir / f"{name}.md").write_text(report)
+        title = report.split("\n\n")[1].replace("; ", "\n", 1)
+        plot(
+            {(m, s): a for (t, m, s), a in results.items() if t == task},
+            list(settings),
+            list(all_methods),
+            args.out_dir / f"{name}.png",
+            title,
+        )
+        print(f"wrote {args.out_dir / f'{name}.md'} and {args.out_dir / f'{name}.png'}")
+        published = RESULTS / f"{name}.md"
+        if published.exists() and args.out_dir.resolve() != RESULTS:
+            print(compare(report, published.read_text(), published))
+        reports.append(report)
+    return "\n".join(reports)
+
+
+def task_report(task, results, diagnostics, gates, setting_names, method_names, args, elapsed):
+    """One task's Markdown report: the accuracy table, its caption, the learned
+    InstanceRenorm gates and the late clipping of the BatchRenorm layers."""
+    table = markdown_table(results, setting_names, method_names)
     about = (
-        f"digits test accuracy (%), mean ± std over {args.seeds} seed"
+        f"{task} test accuracy (%), mean ± std over {args.seeds} seed"
         f"{'s' if args.seeds > 1 else ''}, {args.steps:,} steps, gradient batch {BATCH}; "
         f"{_hardware()}, jax {jax.__version__}, {elapsed:.0f} s"
     )
@@ -398,15 +511,7 @@ def main(argv: list[str] | None = None) -> str:
             + " |",
         ]
     )
-    report = f"{table}\n\n{about}\n\n{gate_lines}\n\n{clipping}\n"
-    print("\n" + report)
-    (args.out_dir / "small_batches.md").write_text(report)
-    title = about.replace("; ", "\n", 1)
-    plot(results, list(settings), list(all_methods), args.out_dir / "small_batches.png", title)
-    print(f"wrote {args.out_dir / 'small_batches.md'} and {args.out_dir / 'small_batches.png'}")
-    if PUBLISHED.exists() and args.out_dir.resolve() != RESULTS:
-        print(compare(report, PUBLISHED.read_text()))
-    return report
+    return f"{table}\n\n{about}\n\n{gate_lines}\n\n{clipping}\n"
 
 
 def parse_report(report: str) -> tuple[dict[tuple[str, str], tuple[float, float]], int, int]:
@@ -428,7 +533,7 @@ def parse_report(report: str) -> tuple[dict[tuple[str, str], tuple[float, float]
     return cells, int(about.group(1)), int(about.group(2).replace(",", ""))
 
 
-def compare(report: str, published: str) -> str:
+def compare(report: str, published: str, path: pathlib.Path = PUBLISHED) -> str:
     """Says, cell by cell, how this run's accuracy table compares with the published one.
 
     A cell agrees when the difference of the two means is within 3 standard errors
@@ -438,7 +543,7 @@ def compare(report: str, published: str) -> str:
     """
     cells, seeds, steps = parse_report(report)
     ref, ref_seeds, ref_steps = parse_report(published)
-    where = f"the published table ({PUBLISHED.relative_to(RESULTS.parents[1])})"
+    where = f"the published table ({path.relative_to(RESULTS.parents[1])})"
     if steps != ref_steps:
         return f"Not compared with {where}: it trained {ref_steps:,} steps, this run {steps:,}."
     common = [k for k in cells if k in ref]

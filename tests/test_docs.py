@@ -142,6 +142,10 @@ _DEFAULT_VARIANCE = r"\| shifted, one copy of k per reduction \(default\) \| "
 # site and on GitHub); NAME's source is the results file that holds it.
 FIGURE_SOURCES = {
     "small-batches-time": ("examples/results/small_batches.md", r"jax [\d.]+, (\d+ s)\n"),
+    "small-batches-noisy-time": (
+        "examples/results/small_batches_noisy.md",
+        r"jax [\d.]+, (\d+ s)\n",
+    ),
     "accumulation-time": ("examples/results/accumulation.md", r"jax [\d.]+, (\d+ s)\n"),
     "variance-cost-conv": ("docs/benchmarks.md", _DEFAULT_VARIANCE + r"([\d.\u2013]+x) \|"),
     "variance-cost-dense": (

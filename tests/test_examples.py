@@ -68,6 +68,12 @@ def test_small_batches_quick(tmp_path, monkeypatch, capsys):
     )
     png = (tmp_path / "small_batches.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # The second task: its own table (one class per 4 in --quick) and plot.
+    noisy = (tmp_path / "small_batches_noisy.md").read_text()
+    assert noisy.strip() in out and "noisy digits test accuracy" in noisy
+    for method in (*methods, "adaptive, LayerNorm in small groups"):
+        assert re.search(rf"^\| {re.escape(method)} \| \d+\.\d ± \d+\.\d \|$", noisy, re.M)
+    assert (tmp_path / "small_batches_noisy.png").read_bytes()[:4] == b"\x89PNG"
     # The run says how it compares with the published table, which it leaves alone.
     assert "Not compared with the published table" in out and "this run 150" in out
 
@@ -104,6 +110,30 @@ def test_small_batches_compares_a_run_with_the_published_table(monkeypatch):
     said = small_batches.compare(moved, published)
     assert f"{n - 1} of {n} cells agree" in said
     assert f"{method} / {setting}: {mean:.1f} ± {std:.1f} published, 50.0 ± 0.1 here" in said
+
+
+def test_small_group_fallback_chooses_by_values_per_group(monkeypatch):
+    """Batch statistics where a group holds at least MIN_GROUP_VALUES values per
+    feature, LayerNorm where fewer; the noisy task has digits' shapes and split."""
+    import jax
+    import numpy as np
+
+    small_batches = _example("small_batches", monkeypatch)
+    assert small_batches.MIN_GROUP_VALUES == 16
+    for v, shape, batch_statistics in [
+        (4, (8, 64), False),  # 4 values per feature
+        (16, (32, 64), True),  # 16
+        (2, (8, 4, 4, 32), True),  # 2 x 4 x 4 = 32
+        (32, (2, 3), False),  # a call of 2 examples: 2 values
+    ]:
+        norm = small_batches.methods(10)["adaptive, LayerNorm in small groups"](v)(True, None)
+        variables = jax.eval_shape(norm.init, jax.random.key(0), jax.ShapeDtypeStruct(shape, "f4"))
+        assert ("batch_stats" in variables) == batch_statistics, (v, shape, variables)
+        assert ("LayerNorm_0" in variables["params"]) != batch_statistics, (v, shape)
+    digits, noisy = small_batches.load_data(0), small_batches.noisy_digits(0)
+    assert [a.shape for a in noisy] == [a.shape for a in digits]
+    np.testing.assert_array_equal(noisy[2], digits[2])  # the same labels, the same split
+    np.testing.assert_array_equal(noisy[0], small_batches.noisy_digits(0)[0])  # fixed seed
 
 
 def test_quickstart_nnx_trains(monkeypatch, capsys):
