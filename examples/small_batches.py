@@ -110,7 +110,7 @@ TASKS = {
         "small_batches_noisy",
     ),
 }
-PUBLISHED = RESULTS / "small_batches.md"  # the tables README shows
+PUBLISHED = RESULTS / "small_batches.md"  # the digits table README shows (noisy digits beside it)
 
 
 def methods(total_steps: int) -> dict[str, Callable[[int], Callable[..., nn.Module]]]:
