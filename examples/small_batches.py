@@ -417,7 +417,9 @@ def main(argv: list[str] | None = None) -> str:
     def key(method, v):
         return method, None if method == "GroupNorm" else v
 
-    results, diagnostics, gates, elapsed = {}, {}, {}, dict.fromkeys(tasks, 0.0)
+    # Per task: {(method, setting): ...}, and the seconds its runs took.
+    results, diagnostics, gates = ({t: {} for t in tasks} for _ in range(3))
+    elapsed = dict.fromkeys(tasks, 0.0)
     with ThreadPoolExecutor(max_workers=1) as compiler:
         programs = {}
         for task, method, setting in runs:
@@ -434,20 +436,20 @@ def main(argv: list[str] | None = None) -> str:
             ).astype(np.int32)
             variables = initial_variables(all_methods[method](v), data, seeds)
             acc, late, rho = programs[key(method, v)].result()(variables, indices, data)
-            results[(task, method, setting)] = np.asarray(acc)
+            results[task][(method, setting)] = np.asarray(acc)
             if not np.isnan(rho).any():
-                gates[(task, setting)] = np.asarray(rho)
+                gates[task][setting] = np.asarray(rho)
             if late:
-                diagnostics[(task, method, setting)] = {k: np.asarray(d) for k, d in late.items()}
+                diagnostics[task][(method, setting)] = {k: np.asarray(d) for k, d in late.items()}
             elapsed[task] += time.perf_counter() - start
 
     reports = []
     for task, (_, settings) in tasks.items():
         report = task_report(
             task,
-            {(m, s): a for (t, m, s), a in results.items() if t == task},
-            {(m, s): d for (t, m, s), d in diagnostics.items() if t == task},
-            {s: g for (t, s), g in gates.items() if t == task},
+            results[task],
+            diagnostics[task],
+            gates[task],
             list(settings),
             list(all_methods),
             args,
@@ -457,13 +459,7 @@ def main(argv: list[str] | None = None) -> str:
         print("\n" + report)
         (args.out_dir / f"{name}.md").write_text(report)
         title = report.split("\n\n")[1].replace("; ", "\n", 1)
-        plot(
-            {(m, s): a for (t, m, s), a in results.items() if t == task},
-            list(settings),
-            list(all_methods),
-            args.out_dir / f"{name}.png",
-            title,
-        )
+        plot(results[task], list(settings), list(all_methods), args.out_dir / f"{name}.png", title)
         print(f"wrote {args.out_dir / f'{name}.md'} and {args.out_dir / f'{name}.png'}")
         published = RESULTS / f"{name}.md"
         if published.exists() and args.out_dir.resolve() != RESULTS:
