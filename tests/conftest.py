@@ -10,23 +10,28 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
-# XLA:CPU's loop emitters for fused computations instead of its newer MLIR fusion
-# emitters, the default since jaxlib 0.5. Both are XLA's own code generators for the
-# same programs; the loop emitters compile about a third faster, and three quarters
-# of the suite's time is XLA compiling small programs. The tests' claims are about
-# the library's numbers, which must hold under any code generator: `.ci/run` runs the
-# round-off-sensitive tests once more with the default emitters (and AVX2 code), and
-# a run given `--xla_cpu_use_fusion_emitters=...` in XLA_FLAGS keeps that choice.
-_EMITTERS = "--xla_cpu_use_fusion_emitters"
-_PROBED = "JAXRENORM_TESTS_XLA_PROBED"  # set once the controller has probed the flag
+# How XLA:CPU compiles the suite's programs: with its loop emitters for fused
+# computations instead of its newer MLIR fusion emitters (the default since jaxlib
+# 0.5), and with LLVM optimizing at level 1 instead of 3. Three quarters of the
+# suite's time is XLA compiling small programs, each run once or twice; these
+# settings compile them about a third faster (the emitters) and a fifth faster
+# again (the level; half as long for a random-number program), and a small CNN's
+# training runs as fast. Each setting is XLA's own, for the same programs: like
+# another processor's vector units, it changes how float operations are ordered
+# and rounded (the bits of a result), not what is computed. The tests' claims are about
+# the library's numbers, which must hold under any code generator: `.ci/run` runs
+# the round-off-sensitive tests once more with XLA's defaults (and AVX2 code), and
+# a setting given in XLA_FLAGS keeps the value given there.
+_CODEGEN = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=1")
+_PROBED = "JAXRENORM_TESTS_XLA_PROBED"  # set once the controller has probed the flags
 
 
-def _xla_accepts(flag: str) -> bool:
-    """Whether this jaxlib knows `flag` (XLA aborts on an unknown one in XLA_FLAGS)."""
+def _xla_accepts(flags: str) -> bool:
+    """Whether this jaxlib knows `flags` (XLA aborts on an unknown one in XLA_FLAGS)."""
     import subprocess
     import sys
 
-    env = {**os.environ, "XLA_FLAGS": flag, "JAX_PLATFORMS": "cpu"}
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
     probe = [sys.executable, "-c", "import jax; jax.devices()"]
     try:
         return subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
@@ -34,10 +39,11 @@ def _xla_accepts(flag: str) -> bool:
         return False
 
 
-if _EMITTERS not in os.environ["XLA_FLAGS"] and _PROBED not in os.environ:
+if _PROBED not in os.environ:
     os.environ[_PROBED] = "1"  # the pytest-xdist workers inherit the outcome
-    if _xla_accepts(_EMITTERS + "=false"):
-        os.environ["XLA_FLAGS"] += f" {_EMITTERS}=false"
+    _missing = [f for f in _CODEGEN if f.split("=")[0] not in os.environ["XLA_FLAGS"]]
+    if _missing and _xla_accepts(" ".join(_missing)):
+        os.environ["XLA_FLAGS"] += " " + " ".join(_missing)
 
 
 # The longest tests (see the `--durations` report of .ci/run) are handed out first,
