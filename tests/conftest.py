@@ -12,8 +12,8 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 
 # How XLA:CPU compiles the suite's programs: with its loop emitters for fused
 # computations instead of its newer MLIR fusion emitters (the default since jaxlib
-# 0.5), and with LLVM optimizing at level 1 instead of 3. Three quarters of the
-# suite's time is XLA compiling small programs, each run once or twice; these
+# 0.5), and with LLVM optimizing at level 1 instead of 3. Most of the suite's
+# time is XLA compiling small programs, each run once or twice; these
 # settings compile them about a third faster (the emitters) and a fifth faster
 # again (the level; half as long for a random-number program), and a small CNN's
 # training runs as fast. Each setting is XLA's own, for the same programs: like
