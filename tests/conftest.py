@@ -12,16 +12,16 @@ if _FLAG not in os.environ.get("XLA_FLAGS", ""):
 
 # How XLA:CPU compiles the suite's programs: with its loop emitters for fused
 # computations instead of its newer MLIR fusion emitters (the default since jaxlib
-# 0.5), and with LLVM optimizing at level 1 instead of 3. Most of the suite's
-# time is XLA compiling small programs, each run once or twice; these
-# settings compile them about a third faster (the emitters) and a fifth faster
-# again (the level; half as long for a random-number program), and a small CNN's
-# training runs as fast. Each setting is XLA's own, for the same programs: like
-# another processor's vector units, it changes how float operations are ordered
-# and rounded (the bits of a result), not what is computed. The tests' claims are about
-# the library's numbers, which must hold under any code generator: `.ci/run` runs
-# the round-off-sensitive tests once more with XLA's defaults (and AVX2 code), and
-# a setting given in XLA_FLAGS keeps the value given there.
+# 0.5), and with LLVM optimizing at level 1 instead of 3. Most of the suite's time
+# is XLA compiling small programs, each run once or twice; these settings compile
+# them about a third faster (the emitters) and a fifth faster again (the level; a
+# random-number program in half the time), and a small CNN trains as fast. Each
+# setting is XLA's own, for the same programs: like another processor's vector
+# units, it changes how float operations are ordered and rounded (the bits of a
+# result), not what is computed. The tests' claims are about the library's
+# numbers, which must hold under any code generator: `.ci/run` runs the
+# round-off-sensitive tests once more with XLA's defaults (and AVX2 code), and a
+# setting given in XLA_FLAGS keeps the value given there.
 _CODEGEN = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_level=1")
 _PROBED = "JAXRENORM_TESTS_XLA_PROBED"  # set once the controller has probed the flags
 
