@@ -4,7 +4,10 @@ XLA reads XLA_FLAGS once, when jax initializes its backends, so this runs before
 any test module imports jax.
 """
 
+import atexit
+import gc
 import os
+import sys
 
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
@@ -26,13 +29,24 @@ _CODEGEN = ("--xla_cpu_use_fusion_emitters=false", "--xla_backend_optimization_l
 _PROBED = "JAXRENORM_TESTS_XLA_PROBED"  # set once the controller has probed the flags
 
 
+# Starts XLA:CPU, which reads XLA_FLAGS: jaxlib's CPU client alone where this
+# jaxlib has it (a fifth of a second), else jax (a second and a half).
+_PROBE = """
+try:
+    from jaxlib._jax import get_tfrt_cpu_client
+    get_tfrt_cpu_client()
+except Exception:
+    import jax
+    jax.devices()
+"""
+
+
 def _xla_accepts(flags: str) -> bool:
     """Whether this jaxlib knows `flags` (XLA aborts on an unknown one in XLA_FLAGS)."""
     import subprocess
-    import sys
 
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
-    probe = [sys.executable, "-c", "import jax; jax.devices()"]
+    probe = [sys.executable, "-c", _PROBE]
     try:
         return subprocess.run(probe, env=env, capture_output=True, timeout=120).returncode == 0
     except subprocess.TimeoutExpired:
@@ -92,3 +106,36 @@ def _rank(item) -> int:
 
 def pytest_collection_modifyitems(items):
     items.sort(key=_rank)
+
+
+def pytest_collection_finish(session):
+    """Python's cycle collector, tuned for a process that traces thousands of programs.
+
+    Tracing and lowering allocate many short-lived objects, and every full
+    collection walks the whole heap: the modules and the collected tests (frozen
+    here, after a last collection, so that no collection walks them again) and
+    JAX's caches. Collecting the young generation every 50,000 allocations instead
+    of 700, and the older ones less often, cut the collector's share of a worker's
+    time from about 5% to 1.5%; what the tests keep alive is unchanged.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 100)
+
+
+def pytest_unconfigure(config):
+    """A pytest-xdist worker leaves without tearing down what it compiled.
+
+    By the time a worker's interpreter exits, its reports are with the controller,
+    which waits for the process to end. Tearing down JAX's backends and caches and
+    then the interpreter (thousands of compiled programs) takes seconds and checks
+    nothing, so the worker's last exit handler ends the process at once.
+    """
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        atexit.register(_end_worker)  # registered last, so it runs before JAX's handlers
+
+
+def _end_worker() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
